@@ -14,6 +14,13 @@ from verifiers.base import NodeRule, walk_tree
 _REGISTRY: dict[str, str] = {
     "greedy": "verifiers.greedy:GreedyRule",
     "exact": "verifiers.rejection:ExactRule",
+    "spectr": "verifiers.spectr:SpecTrRule",
+    "optimal": "verifiers.multidraft:OptimalRule",
+    "typical": "verifiers.typical:TypicalRule",
+    "lantern": "verifiers.lantern:LanternRule",
+    "judge": "verifiers.judge:JudgeRule",
+    "bild": "verifiers.bild:BiLDRule",
+    "continuous": "verifiers.continuous:ContinuousRule",
 }
 
 
@@ -33,4 +40,11 @@ def get(name: str | NodeRule, **kwargs) -> NodeRule:
     return getattr(importlib.import_module(module), cls)(**kwargs)
 
 
-__all__ = ["NodeRule", "available", "get", "walk_tree"]
+def optimal_acceptance(target_probs, draft_probs, k: int, sampling: str = "iid") -> float:
+    """The optimal acceptance probability of k drafts (see `verifiers.multidraft`)."""
+    from verifiers.multidraft import optimal_acceptance as bound
+
+    return bound(target_probs, draft_probs, k, sampling)
+
+
+__all__ = ["NodeRule", "available", "get", "optimal_acceptance", "walk_tree"]

@@ -79,3 +79,44 @@ class ExactRule:
                     break
                 child_probs = child_probs / total
         return -1, sample(residual_probs, generator)
+
+    def output_distribution(self, target_probs, draft_tokens, draft_probs, *, sampling):
+        """Exactly what `select` does given these drafts, without randomness.
+
+        Returns ``(accept_probs  # [k] probability that child i is accepted,
+        recovered_probs  # [V] probability of rejecting every child and emitting each token)``;
+        together they sum to one. The slow reference the tests enumerate over.
+        """
+        check_sampling(self, sampling, self.supported)
+        residual_probs = target_probs.double()  # [V]
+        accept_probs = torch.zeros(len(draft_tokens), dtype=torch.float64)  # [k]
+        still_rejecting = 1.0  # probability that every child so far was rejected
+        if sampling == "deterministic":
+            for index, token in enumerate(draft_tokens):
+                accept = float(residual_probs[token])
+                accept_probs[index] = still_rejecting * accept
+                still_rejecting *= 1.0 - accept
+                if still_rejecting <= 0:
+                    return accept_probs, torch.zeros_like(residual_probs)
+                residual_probs = residual_probs.clone()
+                residual_probs[token] = 0.0
+                residual_probs = residual_probs / residual_probs.sum()
+            return accept_probs, still_rejecting * residual_probs
+
+        if draft_probs is None:
+            raise ValueError(f"sampling={sampling!r} children need draft_probs (the q they came from)")
+        child_probs = draft_probs.double()  # [V]
+        for index, token in enumerate(draft_tokens):
+            q = _draft_prob(child_probs, token)
+            accept = min(1.0, float(residual_probs[token]) / q)
+            accept_probs[index] = still_rejecting * accept
+            still_rejecting *= 1.0 - accept
+            residual_probs = residual(residual_probs, child_probs)
+            if sampling == "without_replacement":
+                child_probs = child_probs.clone()
+                child_probs[token] = 0.0
+                total = child_probs.sum()
+                if total <= 0:
+                    break
+                child_probs = child_probs / total
+        return accept_probs, still_rejecting * residual_probs

@@ -1,0 +1,308 @@
+"""Optimal multi-draft verification: the optimal-transport coupling and its acceptance bound.
+
+Given k drafts drawn from q (``"iid"`` or ``"without_replacement"``), a lossless verifier is a
+coupling between the draft tuple and an output token distributed as the target; its acceptance
+probability is P(output is one of the drafts). The best coupling is an optimal-transport problem
+(SpecTr, Sun et al. 2023) whose value is the bound every multi-draft rule is judged against.
+
+**The bound** (`optimal_acceptance`). The coupling LP is a bipartite max-flow: draft tuples
+(capacity Q(tuple)) send mass to the tokens they contain (capacity target(token)). By max-flow /
+min-cut, for the set A of tokens on the source side of the cut,
+
+    alpha* = 1 - max_A [ Q(every draft lies in A) - target(A) ]
+
+(Hu et al. 2025 reach the same subset-selection form through LP duality). The maximising A can be
+taken as a prefix of the draft-support tokens sorted by target(x) / q(x) ascending (Hu et al.
+2025 prove this structure; tests/test_verifiers_multidraft.py checks it against the LP and against
+brute force over every subset), so alpha* is a sort plus a scan over V prefixes:
+
+- ``"iid"``: Q(all k drafts in A) = q(A)^k.
+- ``"without_replacement"``: drafts are the first k of an exponential race, token x arriving at
+  E_x / q(x) with E_x ~ Exp(1) (the Gumbel-top-k view). All k drafts lie in A iff k tokens of A
+  arrive before the first token outside A, whose arrival is Exp(b) with b = q(outside A). Writing
+  r_x(t) = exp(q(x) t) - 1 and e_j for the elementary symmetric polynomials,
+
+      Q(all k drafts in A) = 1 - b * integral_0^inf exp(-t) sum_{j<k} e_j(r over A)(t) dt,
+
+  where the j = 0, 1 terms integrate in closed form (1 and sum_A q/(1-q)) and j = 2, 3, ... are
+  integrated numerically for all prefixes at once (their e_j are prefix recurrences over the
+  sorted tokens, kept in log space so large t neither overflows nor cancels).
+
+**The rule** (`OptimalRule`). When the number of distinct draft multisets (iid) or sets (without
+replacement) is at most ``max_keys``, it solves the coupling LP exactly with scipy's HiGHS:
+variables accept[key, y] >= 0 for each token y in the key, sum_y accept <= Q(key),
+sum_key accept <= target(y), maximise the total. The LP only depends on the drafts through their
+multiset, which keeps it small. Mass a key does not accept is coupled with the common residual
+norm(target - accepted), so the output marginal is exactly ``target_probs`` whatever the LP
+solver's tolerance (the plan is clipped to be feasible first). Given the observed drafts the rule
+samples from the plan's conditional for their key. Larger supports fall back to recursive
+rejection (`verifiers.rejection.ExactRule`), the best closed-form valid rule for both kinds;
+``"deterministic"`` children are handled exactly as well: sample y from the target and accept it
+if it is a child, which attains the bound target(children).
+
+References:
+    Sun, Suresh, Ro, Beirami, Jain, Yu. "SpecTr: Fast Speculative Decoding via Optimal
+        Transport". NeurIPS 2023. arXiv:2310.15141.
+    Hu, Zheng, Viswanathan, Chen, Rossi, Wu, Manocha, Huang. "Towards Optimal Multi-draft
+        Speculative Decoding". ICLR 2025. arXiv:2502.18779.
+    Khisti, Ebrahimi, Dbouk, Behboodi, Memisevic, Louizos. "Multi-Draft Speculative Sampling:
+        Canonical Decomposition and Theoretical Limits". ICLR 2025. arXiv:2410.18234.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from scipy import integrate, optimize, sparse
+
+from specdec.sampling import sample, uniform
+from verifiers.base import check_sampling
+from verifiers.rejection import ExactRule
+
+BOUND_SAMPLING = ("iid", "without_replacement")
+
+
+def _as_numpy(probs) -> np.ndarray:
+    if torch.is_tensor(probs):
+        return probs.detach().double().cpu().numpy()
+    return np.asarray(probs, dtype=np.float64)
+
+
+def _without_replacement_all_in_prefix(sorted_draft: np.ndarray, k: int) -> np.ndarray:
+    """[m+1] P(all k draws without replacement from q lie in the first n sorted tokens), n=0..m.
+
+    ``sorted_draft  # [m]`` are the positive q values in prefix order (they sum to one).
+    """
+    m = sorted_draft.size
+    k = min(k, m)
+    outside = np.concatenate([np.cumsum(sorted_draft[::-1])[::-1], [0.0]])  # [m+1] b_n
+    if k == m:  # the drafts are the whole support
+        return (np.arange(m + 1) == m).astype(np.float64)
+    # j = 0 and j = 1 terms in closed form: 1 + sum_{x in prefix} q / (1 - q)
+    closed = np.ones(m + 1)
+    if k >= 2:
+        closed += np.concatenate([[0.0], np.cumsum(sorted_draft / (1.0 - sorted_draft))])
+    if k <= 2:
+        integral = closed
+    else:
+        def integrand(t: float) -> np.ndarray:  # [m+1]: exp(-t) sum_{2<=j<k} e_j(prefix)
+            if t == 0:
+                return np.zeros(m + 1)
+            rate = sorted_draft * t
+            log_r = rate + np.log(-np.expm1(-rate))  # log(exp(rate) - 1) without overflow
+            log_e = np.logaddexp.accumulate(log_r)  # e_1 of each prefix
+            total = np.zeros(m + 1)
+            for _ in range(2, k):
+                shifted = np.concatenate([[-np.inf], log_e[:-1]])  # e_{j-1} of the prefix before x
+                log_e = np.logaddexp.accumulate(log_r + shifted)
+                total[1:] += np.exp(log_e - t)
+            return total
+
+        numeric, _ = integrate.quad_vec(integrand, 0.0, np.inf, epsabs=1e-13, epsrel=1e-11,
+                                        norm="max", limit=20000)
+        integral = closed + numeric
+    return np.clip(1.0 - outside * integral, 0.0, 1.0)
+
+
+def optimal_acceptance(target_probs, draft_probs, k: int, sampling: str = "iid") -> float:
+    """The optimal acceptance probability of k drafts from ``draft_probs`` (see module docstring).
+
+    ``target_probs``, ``draft_probs``: [V] distributions (tensors or arrays). ``sampling``:
+    ``"iid"`` or ``"without_replacement"``. O(V log V) for iid; without replacement adds a
+    numerical integral over the V prefixes.
+    """
+    if sampling not in BOUND_SAMPLING:
+        raise ValueError(f"optimal_acceptance supports sampling in {BOUND_SAMPLING}, got {sampling!r}")
+    if k < 1:
+        raise ValueError(f"k must be a positive number of drafts, got {k}")
+    target = _as_numpy(target_probs)  # [V]
+    draft = _as_numpy(draft_probs)  # [V]
+    if target.shape != draft.shape:
+        raise ValueError(f"target_probs {target.shape} and draft_probs {draft.shape} differ in shape")
+    target = target / target.sum()
+    draft = draft / draft.sum()
+    # tokens q never drafts would only add target mass to A: they stay outside
+    support = np.flatnonzero(draft > 0)
+    order = support[np.argsort(target[support] / draft[support], kind="stable")]
+    prefix_target = np.concatenate([[0.0], np.cumsum(target[order])])  # [m+1]
+    if sampling == "iid":
+        all_in = np.concatenate([[0.0], np.cumsum(draft[order])]) ** k
+    else:
+        all_in = _without_replacement_all_in_prefix(draft[order], k)
+    gap = float(np.max(all_in - prefix_target))  # n = 0 gives 0
+    return float(min(1.0, max(0.0, 1.0 - gap)))
+
+
+# ---------------------------------------------------------------------------------- the LP
+@dataclass
+class CouplingPlan:
+    """An optimal coupling of draft keys (sorted multisets/sets) with output tokens."""
+
+    keys: list[tuple[int, ...]]
+    key_probs: np.ndarray  # [K] probability of drawing each key
+    accept: list[dict[int, float]]  # per key: token -> joint mass accepted
+    residual_probs: np.ndarray  # [V] where rejected mass goes
+    acceptance: float  # total accepted mass (the LP optimum)
+
+    def key_index(self, draft_tokens) -> int:
+        return self._index[tuple(sorted(draft_tokens))]
+
+    def __post_init__(self):
+        self._index = {key: i for i, key in enumerate(self.keys)}
+
+
+def _draft_keys(draft: np.ndarray, k: int, sampling: str):
+    """(keys, probabilities): sorted multisets (iid) or sets (without replacement) of k drafts."""
+    support = np.flatnonzero(draft > 0).tolist()
+    keys, probs = [], []
+    if sampling == "iid":
+        for key in itertools.combinations_with_replacement(support, k):
+            counts = Counter(key)
+            ways = math.factorial(k) / math.prod(math.factorial(c) for c in counts.values())
+            keys.append(key)
+            probs.append(ways * math.prod(draft[x] ** c for x, c in counts.items()))
+    else:
+        k = min(k, len(support))
+        for key in itertools.combinations(support, k):
+            total = 0.0
+            for order in itertools.permutations(key):
+                prob, drawn = 1.0, set()
+                for x in order:
+                    # the undrawn mass summed afresh: 1 - drawn would cancel catastrophically
+                    prob *= draft[x] / sum(draft[y] for y in support if y not in drawn)
+                    drawn.add(x)
+                total += prob
+            keys.append(key)
+            probs.append(total)
+    return keys, np.asarray(probs)
+
+
+def number_of_keys(support: int, k: int, sampling: str) -> int:
+    if sampling == "iid":
+        return math.comb(support + k - 1, k)
+    return math.comb(support, min(k, support))
+
+
+def solve_coupling(target_probs, draft_probs, k: int, sampling: str) -> CouplingPlan:
+    """The optimal coupling LP of k drafts (exponential in k: use for small draft supports)."""
+    if sampling not in BOUND_SAMPLING:
+        raise ValueError(f"the coupling LP supports sampling in {BOUND_SAMPLING}, got {sampling!r}")
+    target = _as_numpy(target_probs)
+    target = target / target.sum()
+    draft = _as_numpy(draft_probs)
+    draft = draft / draft.sum()
+    keys, key_probs = _draft_keys(draft, k, sampling)
+    rows, cols, pairs = [], [], []
+    for key_index, key in enumerate(keys):
+        for token in sorted(set(key)):
+            pairs.append((key_index, token))
+    n_vars = len(pairs)
+    tokens = sorted({token for _, token in pairs})
+    token_row = {token: len(keys) + i for i, token in enumerate(tokens)}
+    for var, (key_index, token) in enumerate(pairs):
+        rows += [key_index, token_row[token]]
+        cols += [var, var]
+    constraints = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)),
+                                    shape=(len(keys) + len(tokens), n_vars))
+    capacity = np.concatenate([key_probs, target[tokens]])
+    solution = optimize.linprog(-np.ones(n_vars), A_ub=constraints, b_ub=capacity,
+                                bounds=(0, None), method="highs",
+                                options={"primal_feasibility_tolerance": 1e-10,
+                                         "dual_feasibility_tolerance": 1e-10})
+    if solution.status != 0:
+        raise RuntimeError(f"coupling LP failed: {solution.message}")
+    # make the plan exactly feasible, so losslessness does not rest on the solver's tolerance
+    mass = np.clip(solution.x, 0.0, None)
+    key_of = np.array([key_index for key_index, _ in pairs])
+    token_of = np.array([token for _, token in pairs])
+    row_sum = np.bincount(key_of, weights=mass, minlength=len(keys))
+    mass *= np.minimum(1.0, key_probs / np.maximum(row_sum, 1e-300))[key_of]
+    col_sum = np.bincount(token_of, weights=mass, minlength=target.size)
+    mass *= np.minimum(1.0, target / np.maximum(col_sum, 1e-300))[token_of]
+    accepted_probs = np.bincount(token_of, weights=mass, minlength=target.size)  # [V]
+    leftover = np.clip(target - accepted_probs, 0.0, None)  # [V]
+    residual_probs = leftover / leftover.sum() if leftover.sum() > 0 else target
+    accept: list[dict[int, float]] = [dict() for _ in keys]
+    for (key_index, token), value in zip(pairs, mass):
+        accept[key_index][token] = float(value)
+    return CouplingPlan(keys, key_probs, accept, residual_probs, float(mass.sum()))
+
+
+class OptimalRule:
+    """Lossless optimal-transport verifier; see the module docstring."""
+
+    lossless: ClassVar[bool] = True
+    supported: ClassVar[tuple[str, ...]] = ("iid", "without_replacement", "deterministic")
+
+    def __init__(self, max_keys: int = 2000):
+        self.max_keys = max_keys
+        self._fallback = ExactRule()
+        # calls with the same distributions (select, then output_distribution) reuse the last LP
+        self._last: tuple[tuple, CouplingPlan] | None = None
+
+    def _plan(self, target_probs, draft_tokens, draft_probs, sampling) -> CouplingPlan | None:
+        if draft_probs is None:
+            raise ValueError(f"sampling={sampling!r} children need draft_probs (the q they came from)")
+        support = int((draft_probs > 0).sum())
+        if number_of_keys(support, len(draft_tokens), sampling) > self.max_keys:
+            return None
+        signature = (_as_numpy(target_probs).tobytes(), _as_numpy(draft_probs).tobytes(),
+                     len(draft_tokens), sampling)
+        if self._last is None or self._last[0] != signature:
+            self._last = (signature, solve_coupling(target_probs, draft_probs, len(draft_tokens),
+                                                    sampling))
+        return self._last[1]
+
+    def select(self, target_probs, draft_tokens, draft_probs, *, sampling, generator, context=None):
+        check_sampling(self, sampling, self.supported)
+        if sampling == "deterministic":
+            token = sample(target_probs, generator)
+            return (draft_tokens.index(token), token) if token in draft_tokens else (-1, token)
+        plan = self._plan(target_probs, draft_tokens, draft_probs, sampling)
+        if plan is None:
+            return self._fallback.select(target_probs, draft_tokens, draft_probs,
+                                         sampling=sampling, generator=generator)
+        key_index = plan.key_index(draft_tokens)
+        threshold = uniform(generator) * plan.key_probs[key_index]
+        for token, mass in plan.accept[key_index].items():
+            threshold -= mass
+            if threshold < 0:
+                return draft_tokens.index(token), token
+        token = sample(torch.as_tensor(plan.residual_probs), generator)
+        return (draft_tokens.index(token), token) if token in draft_tokens else (-1, token)
+
+    def output_distribution(self, target_probs, draft_tokens, draft_probs, *, sampling):
+        """(accept_probs [k], recovered_probs [V]) of `select` given these drafts, exactly."""
+        check_sampling(self, sampling, self.supported)
+        target = target_probs.double()
+        accept_probs = torch.zeros(len(draft_tokens), dtype=torch.float64)
+        if sampling == "deterministic":
+            recovered_probs = target.clone()
+            for index, token in enumerate(draft_tokens):
+                if draft_tokens.index(token) == index:
+                    accept_probs[index] = target[token]
+                    recovered_probs[token] = 0.0
+            return accept_probs, recovered_probs
+        plan = self._plan(target_probs, draft_tokens, draft_probs, sampling)
+        if plan is None:
+            return self._fallback.output_distribution(target_probs, draft_tokens, draft_probs,
+                                                      sampling=sampling)
+        key_index = plan.key_index(draft_tokens)
+        key_prob = plan.key_probs[key_index]
+        recovered_probs = torch.as_tensor(plan.residual_probs, dtype=torch.float64).clone()
+        rejected = 1.0 - sum(plan.accept[key_index].values()) / key_prob
+        recovered_probs *= rejected
+        for token, mass in plan.accept[key_index].items():
+            accept_probs[draft_tokens.index(token)] = mass / key_prob
+        # a residual token that is also a draft is accepted (same token, the walk goes on)
+        for index, token in enumerate(draft_tokens):
+            if draft_tokens.index(token) == index:
+                accept_probs[index] += recovered_probs[token]
+                recovered_probs[token] = 0.0
+        return accept_probs, recovered_probs
