@@ -74,38 +74,56 @@ def _as_numpy(probs) -> np.ndarray:
     return np.asarray(probs, dtype=np.float64)
 
 
-def _without_replacement_all_in_prefix(sorted_draft: np.ndarray, k: int) -> np.ndarray:
-    """[m+1] P(all k draws without replacement from q lie in the first n sorted tokens), n=0..m.
+def _without_replacement_all_in_prefix(sorted_draft: np.ndarray, k: int,
+                                       last: int | None = None) -> np.ndarray:
+    """[last+1] P(all k draws without replacement from q lie in the first n sorted tokens).
 
-    ``sorted_draft  # [m]`` are the positive q values in prefix order (they sum to one).
+    ``sorted_draft  # [m]`` are the positive q values in prefix order (they sum to one); prefixes
+    n = 0..last (default m) are evaluated.
     """
     m = sorted_draft.size
+    last = m if last is None else last
     k = min(k, m)
-    outside = np.concatenate([np.cumsum(sorted_draft[::-1])[::-1], [0.0]])  # [m+1] b_n
+    outside = np.concatenate([np.cumsum(sorted_draft[::-1])[::-1], [0.0]])[: last + 1]  # b_n
     if k == m:  # the drafts are the whole support
-        return (np.arange(m + 1) == m).astype(np.float64)
+        return (np.arange(last + 1) == m).astype(np.float64)
+    prefix_draft = sorted_draft[:last]  # [last] the tokens any evaluated prefix can contain
     # j = 0 and j = 1 terms in closed form: 1 + sum_{x in prefix} q / (1 - q)
-    closed = np.ones(m + 1)
+    closed = np.ones(last + 1)
     if k >= 2:
-        closed += np.concatenate([[0.0], np.cumsum(sorted_draft / (1.0 - sorted_draft))])
-    if k <= 2:
+        closed += np.concatenate([[0.0], np.cumsum(prefix_draft / (1.0 - prefix_draft))])
+    if k <= 2 or last == 0:
         integral = closed
     else:
-        def integrand(t: float) -> np.ndarray:  # [m+1]: exp(-t) sum_{2<=j<k} e_j(prefix)
-            if t == 0:
-                return np.zeros(m + 1)
-            rate = sorted_draft * t
+        likeliest = np.argsort(prefix_draft)[::-1][: k - 1]
+        largest_rate = prefix_draft[likeliest].sum()  # e_j(t) <= exp(largest_rate * t), j < k
+
+        def integrand(t: float) -> np.ndarray:  # [last+1]: exp(-t) sum_{2<=j<k} e_j(prefix)
+            rate = prefix_draft * t
+            total = np.zeros(last + 1)
+            if largest_rate * t < 600:  # no overflow: plain prefix recurrences, all terms >= 0
+                r = np.expm1(rate)
+                e = np.cumsum(r)  # e_1 of each prefix
+                for _ in range(2, k):
+                    e = np.cumsum(r * np.concatenate([[0.0], e[:-1]]))
+                    total[1:] += e * np.exp(-t)
+                return total
             log_r = rate + np.log(-np.expm1(-rate))  # log(exp(rate) - 1) without overflow
-            log_e = np.logaddexp.accumulate(log_r)  # e_1 of each prefix
-            total = np.zeros(m + 1)
+            log_e = np.logaddexp.accumulate(log_r)
             for _ in range(2, k):
                 shifted = np.concatenate([[-np.inf], log_e[:-1]])  # e_{j-1} of the prefix before x
                 log_e = np.logaddexp.accumulate(log_r + shifted)
                 total[1:] += np.exp(log_e - t)
             return total
 
-        numeric, _ = integrate.quad_vec(integrand, 0.0, np.inf, epsabs=1e-13, epsrel=1e-11,
-                                        norm="max", limit=20000)
+        # The integrand is a sum of exp(-c t) with c >= the q-mass outside the k - 1 likeliest
+        # tokens, which can be tiny; in log-time s = log t every such term is a bump of the same
+        # width, so adaptive quadrature stays cheap however slowly the slowest term decays.
+        slowest_rate = np.delete(sorted_draft, likeliest).sum()
+        numeric, _ = integrate.quad_vec(lambda s: np.exp(s) * integrand(np.exp(s)),
+                                        np.log(1e-12), np.log(60.0 / slowest_rate),
+                                        epsabs=1e-13, epsrel=1e-11, norm="max", limit=2000,
+                                        quadrature="gk21")
         integral = closed + numeric
     return np.clip(1.0 - outside * integral, 0.0, 1.0)
 
@@ -131,10 +149,13 @@ def optimal_acceptance(target_probs, draft_probs, k: int, sampling: str = "iid")
     support = np.flatnonzero(draft > 0)
     order = support[np.argsort(target[support] / draft[support], kind="stable")]
     prefix_target = np.concatenate([[0.0], np.cumsum(target[order])])  # [m+1]
-    if sampling == "iid":
-        all_in = np.concatenate([[0.0], np.cumsum(draft[order])]) ** k
-    else:
-        all_in = _without_replacement_all_in_prefix(draft[order], k)
+    all_in = np.concatenate([[0.0], np.cumsum(draft[order])]) ** k  # [m+1] iid
+    if sampling == "without_replacement":
+        # Q_wor(all in A) <= q(A)^k, so prefixes where the iid gap is <= 0 (the empty prefix's
+        # value) cannot win: evaluate only up to the last one that can
+        last = int(np.flatnonzero(all_in - prefix_target > 0).max(initial=0))
+        all_in = _without_replacement_all_in_prefix(draft[order], k, last)
+        prefix_target = prefix_target[: last + 1]
     gap = float(np.max(all_in - prefix_target))  # n = 0 gives 0
     return float(min(1.0, max(0.0, 1.0 - gap)))
 
