@@ -130,11 +130,14 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
         streamer.put(torch.tensor([prompt]))
     start = _clock(device)
     target = TreeForward(model, output_hidden_states=want_hidden)
-    target.prefill(torch.tensor(prompt[:-1], dtype=torch.long))
+    prefill = target.prefill(torch.tensor(prompt[:-1], dtype=torch.long))
     context = target.max_positions
     state = DecodingState(tokens=list(prompt), prompt_length=len(prompt), vocab_size=vocab_size,
                           sampling=sampling, generator=generator, max_new_tokens=max_new_tokens,
                           device=device, target=model)
+    if want_hidden and prefill is not None:
+        # the prompt but its last token: the last row predicted the root, as after any step
+        state.hidden_states = prefill.hidden_states
     if hasattr(drafter, "begin"):
         drafter.begin(state)
     stats.prefill_time = _clock(device) - start

@@ -23,9 +23,9 @@ class DecodingState:
     max_new_tokens: int
     device: torch.device
     target: object = None  # the target model (read-only for drafters, e.g. its embeddings)
-    # target hidden states at the tokens committed by the last step (root and accepted nodes),
-    # per layer [m, H]; the last row of the last layer predicted the new root. Only filled for
-    # drafters with ``needs_hidden_states``.
+    # target hidden states at the tokens committed by the last step (root and accepted nodes;
+    # before the first step: the prompt but its last token), per layer [m, H]; the last row of
+    # the last layer predicted the new root. Only filled for drafters with ``needs_hidden_states``.
     hidden_states: tuple[torch.Tensor, ...] | None = None
     step: int = 0
 
