@@ -93,6 +93,7 @@ class SmallLMDrafter(DrafterBase):
         parents: list[int] = []
         draft_probs: dict[int, torch.Tensor] = {}
         sampling = "deterministic" if self.mode == "greedy" else self.mode
+        slot_of: dict[int, int] = {}  # tree node -> index among the draft cache's speculative tokens
         for d in range(depth):
             level: list[tuple[int, float]] = []  # (new node, path log-prob)
             for node, logits, score in frontier:
@@ -114,10 +115,12 @@ class SmallLMDrafter(DrafterBase):
             if d == depth - 1:
                 break
             level.sort(key=lambda item: -item[1])
-            expand = level[: self.max_frontier] if self.max_frontier else level
-            new_nodes = [node for node, _ in level]
-            first = new_nodes[0]
-            out = self._forward.forward(torch.tensor(tokens[first:]),
-                                        torch.tensor(parents[first:]))
-            frontier = [(node, out.logits[node - first], score) for node, score in expand]
+            # only the most probable paths are expanded, so only they need draft logits
+            expand = sorted(level[: self.max_frontier] if self.max_frontier else level)
+            for node, _ in expand:
+                slot_of[node] = len(slot_of)
+            out = self._forward.forward(
+                torch.tensor([tokens[node] for node, _ in expand]),
+                torch.tensor([slot_of.get(parents[node], -1) for node, _ in expand]))
+            frontier = [(node, out.logits[i], score) for i, (node, score) in enumerate(expand)]
         return DraftTree(tokens, parents, draft_probs, {}, sampling)
