@@ -15,6 +15,7 @@ _REGISTRY: dict[str, str] = {
     "pld": "drafters.prompt_lookup:PromptLookupDrafter",
     "trie": "drafters.ngram_trie:NgramTrieDrafter",
     "small-lm": "drafters.small_lm:SmallLMDrafter",
+    "medusa": "drafters.medusa:MedusaDrafter",
 }
 
 

