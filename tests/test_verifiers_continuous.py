@@ -15,7 +15,6 @@ import pytest
 import torch
 from scipy import stats
 
-import specdec  # noqa: F401
 import verifiers
 from verifiers.continuous import (CallableDensity, ContinuousRule, DiagGaussian, GaussianMixture,
                                   ResidualSamplingError)

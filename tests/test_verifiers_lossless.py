@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 
-import specdec  # noqa: F401  (imports the package before verifiers, as users do)
 import verifiers
 from verifiers.multidraft import OptimalRule, optimal_acceptance
 from verifiers.rejection import ExactRule

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import specdec  # noqa: F401
 import verifiers
 from verifiers.bild import BiLDRule, rollback_distance, should_fall_back
 from verifiers.judge import JudgeHead, JudgeRule, train_head

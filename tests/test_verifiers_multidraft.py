@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import specdec  # noqa: F401
 import verifiers
 from verifiers.multidraft import (_without_replacement_all_in_prefix, optimal_acceptance,
                                   solve_coupling)

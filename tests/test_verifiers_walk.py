@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import specdec  # noqa: F401
 import verifiers
 from specdec.tree import DraftTree
 from verifiers.judge import JudgeHead

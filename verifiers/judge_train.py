@@ -1,0 +1,133 @@
+"""Train a judge head for a target model with automatically built labels (simplified AutoJudge).
+
+AutoJudge labels a draft/target mismatch as acceptable when swapping the draft token into the
+target's answer leaves the task's answer unchanged. Our simplified version, on GSM8K:
+
+1. the target answers a question greedily; its final answer is the last number in the text;
+2. at up to ``--swaps`` positions of that answer where the target's second choice is plausible
+   (probability >= ``--min-alternative``), the second choice plays the mismatched draft token;
+3. the target continues greedily after the swapped token; the label is 1 when the final number is
+   unchanged, else 0;
+4. the feature is the target's last hidden state at the swapped token's position, exactly what
+   the loop passes to the judge as ``context["children_hidden"]``.
+
+A linear `JudgeHead` is fitted on 80% of the examples (class-balanced logistic loss) and its
+accuracy on the other 20% is written with the head. Questions are taken from the end of the GSM8K
+file, so evaluate on the others.
+
+    python -m verifiers.judge_train --out verifiers/weights/judge-smollm2 --questions 30
+
+References: see `verifiers.judge`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from verifiers.judge import JudgeHead, train_head
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    numbers = NUMBER.findall(text)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, max_new_tokens: int, eos: int | None) -> torch.Tensor:
+    if max_new_tokens <= 0:
+        return ids
+    return model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens,
+                          pad_token_id=eos, eos_token_id=eos)
+
+
+@torch.no_grad()
+def examples_for_question(model, tokenizer, question: str, swaps: int, min_alternative: float,
+                          max_new_tokens: int):
+    """[(hidden state [H], label)] for the swapped positions of one question."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                           add_generation_prompt=True, return_tensors="pt")
+    prompt = prompt["input_ids"] if not torch.is_tensor(prompt) else prompt
+    eos = tokenizer.eos_token_id
+    answer = greedy(model, prompt, max_new_tokens, eos)
+    start = prompt.shape[1]
+    reference = final_number(tokenizer.decode(answer[0, start:], skip_special_tokens=True))
+    if reference is None:
+        return []
+    probs = torch.softmax(model(answer).logits[0, start - 1: -1].float(), -1)  # [T, V]
+    top2 = probs.topk(2, dim=-1)
+    plausible = torch.nonzero(top2.values[:, 1] >= min_alternative).flatten()
+    if plausible.numel() == 0:
+        return []
+    chosen = plausible[torch.linspace(0, plausible.numel() - 1, min(swaps, plausible.numel()))
+                       .round().long()].tolist()
+    examples = []
+    for offset in chosen:
+        alternative = top2.indices[offset, 1].view(1, 1)
+        swapped = torch.cat([answer[:, : start + offset], alternative], dim=1)
+        hidden = model(swapped, output_hidden_states=True).hidden_states[-1][0, -1]  # [H]
+        continued = greedy(model, swapped, max_new_tokens - offset - 1, eos)
+        text = tokenizer.decode(continued[0, start:], skip_special_tokens=True)
+        examples.append((hidden.float(), float(final_number(text) == reference)))
+    return examples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="directory for config.json + model.safetensors")
+    parser.add_argument("--questions", type=int, default=30)
+    parser.add_argument("--swaps", type=int, default=5)
+    parser.add_argument("--min-alternative", type=float, default=0.05)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import specdec
+
+    model, tokenizer = specdec.load_embedded()
+    lines = GSM8K.read_text().splitlines()[-args.questions:]
+    features, labels = [], []
+    for line in tqdm(lines, desc="labelling swaps"):
+        for hidden, label in examples_for_question(model, tokenizer, json.loads(line)["question"],
+                                                   args.swaps, args.min_alternative,
+                                                   args.max_new_tokens):
+            features.append(hidden)
+            labels.append(label)
+    if len(labels) < 10:
+        raise SystemExit(f"only {len(labels)} labelled swaps: raise --questions")
+    features, labels = torch.stack(features), torch.tensor(labels)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
+    split = int(0.8 * len(labels))
+    train, held_out = order[:split], order[split:]
+    torch.manual_seed(args.seed)
+    head = JudgeHead(features.shape[1])
+    # hidden states have a large scale; standardising inside the head keeps it a plain linear map
+    mean, std = features[train].mean(0), features[train].std(0).clamp_min(1e-6)
+    train_head(head, (features[train] - mean) / std, labels[train], epochs=300, lr=1e-2)
+    with torch.no_grad():
+        head.net.weight /= std
+        head.net.bias -= (head.net.weight * mean).sum()
+        predicted = (head(features) > 0).float()
+    report = {
+        "examples": len(labels), "acceptable_fraction": float(labels.mean()),
+        "train_accuracy": float((predicted[train] == labels[train]).float().mean()),
+        "held_out_accuracy": float((predicted[held_out] == labels[held_out]).float().mean()),
+        "held_out_majority_baseline": float(max(labels[held_out].mean(), 1 - labels[held_out].mean())),
+        "questions": args.questions, "swaps": args.swaps, "max_new_tokens": args.max_new_tokens,
+        "data": "GSM8K test, last questions of the file",
+    }
+    head.save_pretrained(args.out)
+    (Path(args.out) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
