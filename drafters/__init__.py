@@ -16,6 +16,8 @@ _REGISTRY: dict[str, str] = {
     "trie": "drafters.ngram_trie:NgramTrieDrafter",
     "small-lm": "drafters.small_lm:SmallLMDrafter",
     "medusa": "drafters.medusa:MedusaDrafter",
+    "hydra": "drafters.hydra:HydraDrafter",
+    "hydra++": "drafters.hydra:HydraPlusPlusDrafter",
 }
 
 

@@ -19,7 +19,7 @@ from drafters.train import FeatureSet, build_trainable, extract_features, train_
 from specdec.loop import speculative_generate
 
 VOCAB = 96
-KINDS = ["medusa"]
+KINDS = ["medusa", "hydra", "hydra++"]
 SMALL_TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 
 
