@@ -14,12 +14,12 @@ A rule is a pure function of tensors plus a ``torch.Generator``: it never calls 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-if TYPE_CHECKING:
-    from specdec.tree import DraftTree
+from specdec.sampling import sample
+from specdec.tree import ROOT, DraftTree
 
 
 @runtime_checkable
@@ -50,10 +50,6 @@ def walk_tree(rule: NodeRule, tree: DraftTree, target_probs_of, generator, conte
     ``i + 1`` = node ``i``); rows are computed lazily because the walk visits few of them.
     Returns (accepted node indices in path order, the emitted recovered-or-bonus token).
     """
-    # imported here, not at the top: importing specdec imports its loop, which imports this module
-    from specdec.sampling import sample
-    from specdec.tree import ROOT
-
     accepted: list[int] = []
     node = ROOT
     while True:
