@@ -1,0 +1,57 @@
+"""Prompt lookup and the n-gram trie propose what their definitions say."""
+
+import pytest
+import torch
+
+import drafters
+from specdec.sampling import SamplingConfig
+from specdec.state import DecodingState
+
+
+def state_of(tokens, vocab=100, max_new_tokens=50):
+    return DecodingState(tokens=list(tokens), prompt_length=len(tokens), vocab_size=vocab,
+                         sampling=SamplingConfig(), generator=None,
+                         max_new_tokens=max_new_tokens, device=torch.device("cpu"))
+
+
+def test_prompt_lookup_drafts_after_the_most_recent_longest_match():
+    pld = drafters.get("pld", num_draft_tokens=3, max_ngram=2)
+    #         the tail "7 8" occurred twice; the most recent is followed by 4 5 6
+    tree = pld.propose(state_of([7, 8, 1, 2, 3, 9, 7, 8, 4, 5, 6, 0, 7, 8]))
+    assert tree.tokens == [4, 5, 6] and tree.parent_list == [-1, 0, 1]
+    assert tree.sampling_of(-1) == "deterministic"
+    # no bigram match: falls back to the unigram "8"
+    assert pld.propose(state_of([8, 3, 1, 5, 8])).tokens == [3, 1, 5]
+    assert len(pld.propose(state_of([1, 2, 3, 4]))) == 0  # nothing to look up
+    # never drafts more than the remaining budget allows
+    assert pld.propose(state_of([7, 8, 4, 5, 6, 7, 8], max_new_tokens=2)).tokens == [4]
+
+
+def test_trie_merges_continuations_by_frequency_within_budget():
+    trie = drafters.get("trie", node_budget=4, max_depth=3, max_ngram=2)
+    text = [1, 2, 5, 6, 9,  1, 2, 5, 6, 8,  1, 2, 7, 3, 3,  1, 2]
+    state = state_of(text)
+    trie.begin(state)
+    tree = trie.propose(state)
+    # occurrences of "1 2" continue with 5 6 9 / 5 6 8 / 7 3 3: prefix counts 5:2, 5-6:2, then
+    # count-1 prefixes, shallowest first: 7, then 7-3 (depth 2) before 5-6-9 and 5-6-8 (depth 3)
+    assert tree.tokens == [5, 6, 7, 3] and tree.parent_list == [-1, 0, -1, 2]
+    for node, parent in enumerate(tree.parent_list):
+        assert parent < node
+
+
+def test_trie_uses_an_external_corpus_and_checks_its_vocabulary():
+    trie = drafters.get("trie", corpus=[[40, 41, 42, 43, 44]], node_budget=8, max_depth=4)
+    state = state_of([3, 40, 41])
+    trie.begin(state)
+    assert trie.propose(state).tokens == [42, 43, 44]
+    bad = drafters.get("trie", corpus=[[1, 2, 300]])
+    with pytest.raises(ValueError, match="outside the target vocabulary"):
+        bad.begin(state_of([1, 2]))
+
+
+def test_bad_drafter_settings():
+    with pytest.raises(ValueError, match="num_draft_tokens >= 1"):
+        drafters.get("pld", num_draft_tokens=0)
+    with pytest.raises(ValueError, match="node_budget >= 1"):
+        drafters.get("trie", node_budget=0)
