@@ -18,6 +18,7 @@ _REGISTRY: dict[str, str] = {
     "medusa": "drafters.medusa:MedusaDrafter",
     "hydra": "drafters.hydra:HydraDrafter",
     "hydra++": "drafters.hydra:HydraPlusPlusDrafter",
+    "distilled": "drafters.distilled:DistilledDrafter",
 }
 
 
