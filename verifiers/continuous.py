@@ -123,7 +123,7 @@ class ContinuousRule:
         """(True, x) if the draft token ``x  # [d]`` is accepted, else (False, residual sample)."""
         x = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
         log_ratio = float(target.log_prob(x) - draft.log_prob(x))
-        if log_ratio >= 0 or math.log(uniform(generator)) < log_ratio:
+        if log_ratio >= 0 or uniform(generator) < math.exp(log_ratio):
             return True, x
         return False, self.sample_residual(target, draft, generator)
 

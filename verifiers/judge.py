@@ -59,7 +59,8 @@ class JudgeHead(nn.Module):
             self.net = nn.Linear(hidden_size, 1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...]
-        return self.net(hidden_states.to(next(self.parameters()).dtype)).squeeze(-1)
+        weight = next(self.parameters())
+        return self.net(hidden_states.to(weight.device, weight.dtype)).squeeze(-1)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -69,14 +69,29 @@ def examples_for_question(model, tokenizer, question: str, swaps: int, min_alter
         return []
     chosen = plausible[torch.linspace(0, plausible.numel() - 1, min(swaps, plausible.numel()))
                        .round().long()].tolist()
-    examples = []
+    swapped, hidden = [], []
     for offset in chosen:
         alternative = top2.indices[offset, 1].view(1, 1)
-        swapped = torch.cat([answer[:, : start + offset], alternative], dim=1)
-        hidden = model(swapped, output_hidden_states=True).hidden_states[-1][0, -1]  # [H]
-        continued = greedy(model, swapped, max_new_tokens - offset - 1, eos)
-        text = tokenizer.decode(continued[0, start:], skip_special_tokens=True)
-        examples.append((hidden.float(), float(final_number(text) == reference)))
+        sequence = torch.cat([answer[:, : start + offset], alternative], dim=1)  # [1, L]
+        hidden.append(model(sequence, output_hidden_states=True).hidden_states[-1][0, -1].float())
+        swapped.append(sequence[0])
+    # continue every swap in one left-padded batch; generate() derives positions from the mask
+    width = max(len(sequence) for sequence in swapped)
+    pad = eos if eos is not None else 0
+    batch = torch.full((len(swapped), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(swapped), width), dtype=torch.long)
+    for row, sequence in enumerate(swapped):
+        batch[row, width - len(sequence):] = sequence
+        mask[row, width - len(sequence):] = 1
+    continued = model.generate(batch, attention_mask=mask, do_sample=False,
+                               max_new_tokens=max(1, max_new_tokens - min(chosen) - 1),
+                               pad_token_id=pad, eos_token_id=eos)
+    examples = []
+    for row, (offset, sequence) in enumerate(zip(chosen, swapped)):
+        # the answer so far plus at most the continuation the unswapped answer had room for
+        tail = continued[row, width: width + max_new_tokens - offset - 1]
+        text = tokenizer.decode(torch.cat([sequence[start:], tail]), skip_special_tokens=True)
+        examples.append((hidden[row], float(final_number(text) == reference)))
     return examples
 
 

@@ -290,12 +290,12 @@ class OptimalRule:
             return self._fallback.select(target_probs, draft_tokens, draft_probs,
                                          sampling=sampling, generator=generator)
         key_index = plan.key_index(draft_tokens)
-        threshold = uniform(generator) * plan.key_probs[key_index]
+        threshold = uniform(generator, target_probs.device) * plan.key_probs[key_index]
         for token, mass in plan.accept[key_index].items():
             threshold -= mass
             if threshold < 0:
                 return draft_tokens.index(token), token
-        token = sample(torch.as_tensor(plan.residual_probs), generator)
+        token = sample(torch.as_tensor(plan.residual_probs, device=target_probs.device), generator)
         return (draft_tokens.index(token), token) if token in draft_tokens else (-1, token)
 
     def output_distribution(self, target_probs, draft_tokens, draft_probs, *, sampling):

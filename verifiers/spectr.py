@@ -83,7 +83,7 @@ class SpecTrRule:
         target, draft, rho, residual_probs = self._prepare(target_probs, draft_probs,
                                                            len(draft_tokens), sampling)
         for index, token in enumerate(draft_tokens):
-            if uniform(generator) * rho * float(draft[token]) < float(target[token]):
+            if uniform(generator, target.device) * rho * float(draft[token]) < float(target[token]):
                 return index, token
         return -1, sample(residual_probs.to(target_probs.dtype), generator)
 

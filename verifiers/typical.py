@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -36,7 +37,7 @@ def typical_threshold(target_probs: torch.Tensor, epsilon: float, alpha: float) 
     """min(epsilon, alpha * exp(-entropy(target_probs)))."""
     probs = target_probs.double()
     entropy = float(-(probs * probs.clamp_min(1e-300).log()).sum())
-    return min(epsilon, alpha * float(torch.exp(torch.tensor(-entropy))))
+    return min(epsilon, alpha * math.exp(-entropy))
 
 
 class TypicalRule:
