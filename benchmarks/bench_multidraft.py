@@ -12,7 +12,7 @@ same sampling kind:
     exact-iid      recursive rejection, i.i.d. drafts (SpecInfer)    closed form
     exact-wor      recursive rejection, drafts without replacement   enumeration of rejected prefixes
     spectr-iid     SpecTr K-SEQ, i.i.d. drafts                       1 - (1 - alpha(rho))^k
-    optimal-iid    coupling LP (falls back to exact-iid when large)   LP optimum
+    optimal-iid    coupling LP (head + tail LP when large)           LP optimum (+ tail stage)
     optimal-wor    coupling LP (falls back to exact-wor when large)   LP optimum
 
 Usage: python benchmarks/bench_multidraft.py [--prompts 80] [--positions 4] [--top-k 8]
@@ -31,20 +31,11 @@ from tqdm import tqdm
 
 import specdec
 from specdec.sampling import SamplingConfig, residual
-from verifiers.multidraft import OptimalRule, number_of_keys, optimal_acceptance, solve_coupling
+from verifiers.multidraft import OptimalRule, iid_rejection_acceptance, optimal_acceptance
 from verifiers.spectr import kseq_acceptance
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench" / "question.jsonl"
 KS = (1, 2, 3, 4)
-
-
-def exact_iid_acceptance(target_probs, draft_probs, k):
-    """1 - prod_i (1 - sum min(residual_i, q)): each i.i.d. draft meets the current residual."""
-    residual_probs, rejected = target_probs, 1.0
-    for _ in range(k):
-        rejected *= 1.0 - float(torch.minimum(residual_probs, draft_probs).sum())
-        residual_probs = residual(residual_probs, draft_probs)
-    return 1.0 - rejected
 
 
 def exact_wor_acceptance(target_probs, draft_probs, k, prune=1e-9):
@@ -74,11 +65,11 @@ def exact_wor_acceptance(target_probs, draft_probs, k, prune=1e-9):
 
 
 def optimal_rule_acceptance(target_probs, draft_probs, k, sampling, rule):
-    support = int((draft_probs > 0).sum())
-    if number_of_keys(support, k, sampling) > rule.max_keys:  # the rule falls back
-        return (exact_iid_acceptance if sampling == "iid" else exact_wor_acceptance)(
+    acceptance = rule.acceptance(target_probs, draft_probs, k, sampling)
+    if acceptance is None:  # the rule falls back to recursive rejection
+        return (iid_rejection_acceptance if sampling == "iid" else exact_wor_acceptance)(
             target_probs, draft_probs, k)
-    return solve_coupling(target_probs, draft_probs, k, sampling).acceptance
+    return acceptance
 
 
 def next_token_logits(model, tokenizer, prompts, positions, seed):
@@ -129,7 +120,7 @@ def main() -> None:
         for k in KS:
             rows["bound-iid"][k].append(optimal_acceptance(target, draft, k, "iid"))
             rows["bound-wor"][k].append(optimal_acceptance(target, draft, k, "without_replacement"))
-            rows["exact-iid"][k].append(exact_iid_acceptance(target, draft, k))
+            rows["exact-iid"][k].append(iid_rejection_acceptance(target, draft, k))
             rows["exact-wor"][k].append(exact_wor_acceptance(target, draft, k))
             rows["spectr-iid"][k].append(kseq_acceptance(target, draft, k))
             rows["optimal-iid"][k].append(optimal_rule_acceptance(target, draft, k, "iid", rule))

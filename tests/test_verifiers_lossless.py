@@ -34,6 +34,7 @@ RULES = {
     "exact": (ExactRule(), ("iid", "without_replacement", "deterministic")),
     "spectr": (SpecTrRule(), ("iid",)),
     "optimal-lp": (OptimalRule(), ("iid", "without_replacement", "deterministic")),
+    "optimal-head": (OptimalRule(max_keys=15), ("iid",)),  # 2-4 distinct tokens + a tail
     "optimal-fallback": (OptimalRule(max_keys=0), ("iid", "without_replacement")),
 }
 CASES = [(name, sampling, k) for name, (_, kinds) in RULES.items() for sampling in kinds
@@ -60,10 +61,25 @@ def test_always_accept_fails_the_same_check(sampling):
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_optimal_rule_attains_the_bound(sampling, k):
     for target, draft in distributions(seed=10 + k, vocab=5):
-        _, acceptance = output_marginal(OptimalRule(), target, draft, k, sampling)
+        rule = OptimalRule()
+        _, acceptance = output_marginal(rule, target, draft, k, sampling)
         assert acceptance == pytest.approx(optimal_acceptance(target, draft, k, sampling), abs=1e-6)
+        assert rule.acceptance(target, draft, k, sampling) == pytest.approx(acceptance, abs=1e-9)
         _, exact = output_marginal(ExactRule(), target, draft, k, sampling)
         assert exact <= acceptance + 1e-7  # the LP solver's tolerance
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_optimal_rule_with_a_tail_reports_its_exact_acceptance(k):
+    """Head LP + exact verification of tail drafts: `acceptance` matches enumeration."""
+    with_tail = 0
+    for target, draft in distributions(seed=30 + k, vocab=6):
+        rule = OptimalRule(max_keys=15)
+        with_tail += rule.plan(target, draft, k, "iid").head is not None
+        _, acceptance = output_marginal(rule, target, draft, k, "iid")
+        assert rule.acceptance(target, draft, k, "iid") == pytest.approx(acceptance, abs=1e-7)
+        assert acceptance <= optimal_acceptance(target, draft, k, "iid") + 1e-7
+    assert with_tail >= 2
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
@@ -75,12 +91,12 @@ def test_spectr_acceptance_closed_form_and_guarantee(k):
         assert acceptance >= (1 - 1 / math.e) * bound - 1e-9
 
 
-@pytest.mark.parametrize("name", ["exact", "spectr", "optimal-lp"])
+@pytest.mark.parametrize("name", ["exact", "spectr", "optimal-lp", "optimal-head"])
 @pytest.mark.parametrize("sampling", ["iid", "without_replacement", "deterministic"])
 def test_select_samples_match_output_distribution(name, sampling):
     """The sampling path agrees with the exact reference (4-sigma binomial bounds)."""
-    rule, kinds = RULES[name]
-    if sampling not in kinds:
+    rule, _ = RULES[name]
+    if sampling not in rule.supported:
         with pytest.raises(ValueError, match="does not support sampling"):
             rule.select(torch.ones(4) / 4, [0], torch.ones(4) / 4, sampling=sampling,
                         generator=torch.Generator())

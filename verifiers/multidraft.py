@@ -29,14 +29,18 @@ brute force over every subset), so alpha* is a sort plus a scan over V prefixes:
   sorted tokens, kept in log space so large t neither overflows nor cancels).
 
 **The rule** (`OptimalRule`). When the number of distinct draft multisets (iid) or sets (without
-replacement) is at most ``max_keys``, it solves the coupling LP exactly with scipy's HiGHS:
+replacement) is at most ``max_keys`` (default 5000), it solves the coupling LP exactly with scipy's HiGHS:
 variables accept[key, y] >= 0 for each token y in the key, sum_y accept <= Q(key),
 sum_key accept <= target(y), maximise the total. The LP only depends on the drafts through their
 multiset, which keeps it small. Mass a key does not accept is coupled with the common residual
 norm(target - accepted), so the output marginal is exactly ``target_probs`` whatever the LP
 solver's tolerance (the plan is clipped to be feasible first). Given the observed drafts the rule
-samples from the plan's conditional for their key. Larger supports fall back to recursive
-rejection (`verifiers.rejection.ExactRule`), the best closed-form valid rule for both kinds;
+samples from the plan's conditional for their key. For larger i.i.d. supports the LP keeps the
+drafter's likeliest tokens distinct (as many as ``max_keys`` allows) and merges the rest into one
+tail symbol that is never accepted: a smaller LP whose plan is still lossless and optimal among
+plans that never accept tail tokens (nearly all of the optimum when the drafter's mass is in its
+head). Larger without-replacement supports fall back to recursive rejection
+(`verifiers.rejection.ExactRule`), whose key probabilities would not aggregate exactly.
 ``"deterministic"`` children are handled exactly as well: sample y from the target and accept it
 if it is a child, which attains the bound target(children).
 
@@ -61,7 +65,7 @@ import numpy as np
 import torch
 from scipy import integrate, optimize, sparse
 
-from specdec.sampling import sample, uniform
+from specdec.sampling import residual, sample, uniform
 from verifiers.base import check_sampling
 from verifiers.rejection import ExactRule
 
@@ -161,6 +165,9 @@ def optimal_acceptance(target_probs, draft_probs, k: int, sampling: str = "iid")
 
 
 # ---------------------------------------------------------------------------------- the LP
+TAIL = -1  # key symbol for "some token outside the head" (not accepted by the LP)
+
+
 @dataclass
 class CouplingPlan:
     """An optimal coupling of draft keys (sorted multisets/sets) with output tokens."""
@@ -170,24 +177,41 @@ class CouplingPlan:
     accept: list[dict[int, float]]  # per key: token -> joint mass accepted
     residual_probs: np.ndarray  # [V] where rejected mass goes
     acceptance: float  # total accepted mass (the LP optimum)
+    head: list[int] | None = None  # distinct tokens; others are the TAIL symbol (None: all)
+    tail_probs: np.ndarray | None = None  # [V] the drafter restricted to the tail, normalised
+    rejected_by_tail_count: dict[int, float] | None = None  # tail drafts -> mass rejected
 
     def key_index(self, draft_tokens) -> int:
+        if self.head is not None:
+            draft_tokens = [x if x in self._head else TAIL for x in draft_tokens]
         return self._index[tuple(sorted(draft_tokens))]
 
     def __post_init__(self):
         self._index = {key: i for i, key in enumerate(self.keys)}
+        self._head = set(self.head or ())
 
 
-def _draft_keys(draft: np.ndarray, k: int, sampling: str):
-    """(keys, probabilities): sorted multisets (iid) or sets (without replacement) of k drafts."""
+
+def _draft_keys(draft: np.ndarray, k: int, sampling: str, head: list[int] | None = None):
+    """(keys, probabilities): sorted multisets (iid) or sets (without replacement) of k drafts.
+
+    With ``head`` (iid only), tokens outside it are merged into the symbol `TAIL`.
+    """
     support = np.flatnonzero(draft > 0).tolist()
     keys, probs = [], []
     if sampling == "iid":
-        for key in itertools.combinations_with_replacement(support, k):
+        symbols = support if head is None else sorted(head)
+        symbol_probs = {x: draft[x] for x in symbols}
+        if head is not None:
+            tail_mass = float(np.delete(draft, symbols).sum())  # summed, not 1 - head mass
+            if tail_mass > 0:
+                symbols = [TAIL] + symbols
+                symbol_probs[TAIL] = tail_mass
+        for key in itertools.combinations_with_replacement(symbols, k):
             counts = Counter(key)
             ways = math.factorial(k) / math.prod(math.factorial(c) for c in counts.values())
             keys.append(key)
-            probs.append(ways * math.prod(draft[x] ** c for x, c in counts.items()))
+            probs.append(ways * math.prod(symbol_probs[x] ** c for x, c in counts.items()))
     else:
         k = min(k, len(support))
         for key in itertools.combinations(support, k):
@@ -204,24 +228,37 @@ def _draft_keys(draft: np.ndarray, k: int, sampling: str):
     return keys, np.asarray(probs)
 
 
-def number_of_keys(support: int, k: int, sampling: str) -> int:
+def number_of_keys(symbols: int, k: int, sampling: str) -> int:
     if sampling == "iid":
-        return math.comb(support + k - 1, k)
-    return math.comb(support, min(k, support))
+        return math.comb(symbols + k - 1, k)
+    return math.comb(symbols, min(k, symbols))
 
 
-def solve_coupling(target_probs, draft_probs, k: int, sampling: str) -> CouplingPlan:
-    """The optimal coupling LP of k drafts (exponential in k: use for small draft supports)."""
+def head_size(max_keys: int, k: int) -> int:
+    """The most head tokens whose iid keys (with the tail symbol) number at most ``max_keys``."""
+    size = 0
+    while number_of_keys(size + 2, k, "iid") <= max_keys:
+        size += 1
+    return size
+
+
+def solve_coupling(target_probs, draft_probs, k: int, sampling: str,
+                   head: list[int] | None = None) -> CouplingPlan:
+    """The optimal coupling LP of k drafts (exponential in k: use for small draft supports).
+
+    With ``head`` (iid only) the LP couples multisets over the head tokens plus one merged tail
+    symbol whose tokens are never accepted: still lossless, optimal among such plans.
+    """
     if sampling not in BOUND_SAMPLING:
         raise ValueError(f"the coupling LP supports sampling in {BOUND_SAMPLING}, got {sampling!r}")
     target = _as_numpy(target_probs)
     target = target / target.sum()
     draft = _as_numpy(draft_probs)
     draft = draft / draft.sum()
-    keys, key_probs = _draft_keys(draft, k, sampling)
+    keys, key_probs = _draft_keys(draft, k, sampling, head)
     rows, cols, pairs = [], [], []
     for key_index, key in enumerate(keys):
-        for token in sorted(set(key)):
+        for token in sorted(set(key) - {TAIL}):
             pairs.append((key_index, token))
     n_vars = len(pairs)
     tokens = sorted({token for _, token in pairs})
@@ -252,7 +289,33 @@ def solve_coupling(target_probs, draft_probs, k: int, sampling: str) -> Coupling
     accept: list[dict[int, float]] = [dict() for _ in keys]
     for (key_index, token), value in zip(pairs, mass):
         accept[key_index][token] = float(value)
-    return CouplingPlan(keys, key_probs, accept, residual_probs, float(mass.sum()))
+    tail_probs, rejected_by_tail_count = None, None
+    if head is not None:
+        tail_probs = draft.copy()
+        tail_probs[head] = 0.0
+        tail_probs /= tail_probs.sum()
+        rejected_by_tail_count = Counter()
+        accepted_by_key = np.bincount(key_of, weights=mass, minlength=len(keys))
+        for key, key_prob, accepted in zip(keys, key_probs, accepted_by_key):
+            rejected_by_tail_count[key.count(TAIL)] += float(key_prob - accepted)
+        rejected_by_tail_count = dict(rejected_by_tail_count)
+    return CouplingPlan(keys, key_probs, accept, residual_probs, float(mass.sum()), head,
+                        tail_probs, rejected_by_tail_count)
+
+
+def iid_rejection_acceptance(target_probs, draft_probs, k: int) -> float:
+    """Acceptance of recursive rejection (`ExactRule`) with k i.i.d. drafts, in closed form.
+
+    Each draft is independent of the earlier rejections, so round i accepts with
+    sum_x min(residual_i(x), q(x)) and the rounds multiply.
+    """
+    residual_probs = torch.as_tensor(target_probs, dtype=torch.float64)  # [V]
+    draft = torch.as_tensor(draft_probs, dtype=torch.float64)  # [V]
+    rejected = 1.0
+    for _ in range(k):
+        rejected *= 1.0 - float(torch.minimum(residual_probs, draft).sum())
+        residual_probs = residual(residual_probs, draft)
+    return 1.0 - rejected
 
 
 class OptimalRule:
@@ -261,23 +324,30 @@ class OptimalRule:
     lossless: ClassVar[bool] = True
     supported: ClassVar[tuple[str, ...]] = ("iid", "without_replacement", "deterministic")
 
-    def __init__(self, max_keys: int = 2000):
+    def __init__(self, max_keys: int = 5000):
         self.max_keys = max_keys
         self._fallback = ExactRule()
         # calls with the same distributions (select, then output_distribution) reuse the last LP
         self._last: tuple[tuple, CouplingPlan] | None = None
 
-    def _plan(self, target_probs, draft_tokens, draft_probs, sampling) -> CouplingPlan | None:
+    def plan(self, target_probs, draft_probs, k: int, sampling: str) -> CouplingPlan | None:
+        """The coupling this rule uses for k drafts, or None where it falls back to `ExactRule`.
+
+        ``plan.acceptance`` is then the rule's exact acceptance probability.
+        """
         if draft_probs is None:
             raise ValueError(f"sampling={sampling!r} children need draft_probs (the q they came from)")
         support = int((draft_probs > 0).sum())
-        if number_of_keys(support, len(draft_tokens), sampling) > self.max_keys:
-            return None
-        signature = (_as_numpy(target_probs).tobytes(), _as_numpy(draft_probs).tobytes(),
-                     len(draft_tokens), sampling)
+        head = None
+        if number_of_keys(support, k, sampling) > self.max_keys:
+            size = head_size(self.max_keys, k)
+            if sampling != "iid" or size == 0:
+                return None
+            head = sorted(torch.topk(draft_probs, size).indices.tolist())
+        signature = (_as_numpy(target_probs).tobytes(), _as_numpy(draft_probs).tobytes(), k,
+                     sampling)
         if self._last is None or self._last[0] != signature:
-            self._last = (signature, solve_coupling(target_probs, draft_probs, len(draft_tokens),
-                                                    sampling))
+            self._last = (signature, solve_coupling(target_probs, draft_probs, k, sampling, head))
         return self._last[1]
 
     def select(self, target_probs, draft_tokens, draft_probs, *, sampling, generator, context=None):
@@ -285,7 +355,7 @@ class OptimalRule:
         if sampling == "deterministic":
             token = sample(target_probs, generator)
             return (draft_tokens.index(token), token) if token in draft_tokens else (-1, token)
-        plan = self._plan(target_probs, draft_tokens, draft_probs, sampling)
+        plan = self.plan(target_probs, draft_probs, len(draft_tokens), sampling)
         if plan is None:
             return self._fallback.select(target_probs, draft_tokens, draft_probs,
                                          sampling=sampling, generator=generator)
@@ -295,8 +365,41 @@ class OptimalRule:
             threshold -= mass
             if threshold < 0:
                 return draft_tokens.index(token), token
-        token = sample(torch.as_tensor(plan.residual_probs, device=target_probs.device), generator)
+        residual_probs = torch.as_tensor(plan.residual_probs, device=target_probs.device)  # [V]
+        tail = self._tail_positions(plan, draft_tokens)
+        if tail:  # tail drafts are i.i.d. from the tail distribution: verify them exactly
+            tail_probs = torch.as_tensor(plan.tail_probs, device=target_probs.device)  # [V]
+            index, token = self._fallback.select(residual_probs, [draft_tokens[i] for i in tail],
+                                                 tail_probs, sampling="iid", generator=generator)
+            if index >= 0:
+                return tail[index], token
+        else:
+            token = sample(residual_probs, generator)
         return (draft_tokens.index(token), token) if token in draft_tokens else (-1, token)
+
+    @staticmethod
+    def _tail_positions(plan: CouplingPlan, draft_tokens) -> list[int]:
+        if plan.head is None:
+            return []
+        head = set(plan.head)
+        return [i for i, token in enumerate(draft_tokens) if token not in head]
+
+    def acceptance(self, target_probs, draft_probs, k: int, sampling: str) -> float | None:
+        """This rule's exact acceptance probability, or None where it falls back to `ExactRule`.
+
+        The LP optimum plus, with a tail, what recursive rejection of the tail drafts recovers
+        from the rejected mass (up to residual tokens that coincide with a draft, which an
+        optimal plan leaves none of).
+        """
+        plan = self.plan(target_probs, draft_probs, k, sampling)
+        if plan is None:
+            return None
+        total = plan.acceptance
+        for tail_count, rejected in (plan.rejected_by_tail_count or {}).items():
+            if tail_count:
+                total += rejected * iid_rejection_acceptance(plan.residual_probs, plan.tail_probs,
+                                                             tail_count)
+        return total
 
     def output_distribution(self, target_probs, draft_tokens, draft_probs, *, sampling):
         """(accept_probs [k], recovered_probs [V]) of `select` given these drafts, exactly."""
@@ -310,17 +413,26 @@ class OptimalRule:
                     accept_probs[index] = target[token]
                     recovered_probs[token] = 0.0
             return accept_probs, recovered_probs
-        plan = self._plan(target_probs, draft_tokens, draft_probs, sampling)
+        plan = self.plan(target_probs, draft_probs, len(draft_tokens), sampling)
         if plan is None:
             return self._fallback.output_distribution(target_probs, draft_tokens, draft_probs,
                                                       sampling=sampling)
         key_index = plan.key_index(draft_tokens)
         key_prob = plan.key_probs[key_index]
-        recovered_probs = torch.as_tensor(plan.residual_probs, dtype=torch.float64).clone()
+        residual_probs = torch.as_tensor(plan.residual_probs, dtype=torch.float64)  # [V]
         rejected = 1.0 - sum(plan.accept[key_index].values()) / key_prob
-        recovered_probs *= rejected
         for token, mass in plan.accept[key_index].items():
             accept_probs[draft_tokens.index(token)] = mass / key_prob
+        tail = self._tail_positions(plan, draft_tokens)
+        if tail:
+            tail_accept, tail_recovered = self._fallback.output_distribution(
+                residual_probs, [draft_tokens[i] for i in tail],
+                torch.as_tensor(plan.tail_probs, dtype=torch.float64), sampling="iid")
+            for position, prob in zip(tail, tail_accept.tolist()):
+                accept_probs[position] += rejected * prob
+            recovered_probs = rejected * tail_recovered
+        else:
+            recovered_probs = rejected * residual_probs
         # a residual token that is also a draft is accepted (same token, the walk goes on)
         for index, token in enumerate(draft_tokens):
             if draft_tokens.index(token) == index:
