@@ -7,9 +7,8 @@ by adding one row to ``_REGISTRY``.
 
 from __future__ import annotations
 
-import importlib
-
 from drafters.base import Drafter, DrafterBase
+from specdec.registry import build
 
 _REGISTRY: dict[str, str] = {
     "pld": "drafters.prompt_lookup:PromptLookupDrafter",
@@ -28,14 +27,7 @@ def available() -> list[str]:
 
 def get(name: str | Drafter, **kwargs) -> Drafter:
     """The drafter called ``name`` built with ``kwargs``; a drafter object is returned unchanged."""
-    if not isinstance(name, str):
-        if not hasattr(name, "propose"):
-            raise TypeError(f"{name!r} is neither a drafter name nor an object with propose(state)")
-        return name
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown drafter {name!r}; valid names: {', '.join(available())}")
-    module, cls = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    return build(_REGISTRY, "drafter", "propose", name, **kwargs)
 
 
 __all__ = ["Drafter", "DrafterBase", "available", "get"]

@@ -7,8 +7,7 @@ adding one row to ``_REGISTRY`` (imports are lazy so optional dependencies stay 
 
 from __future__ import annotations
 
-import importlib
-
+from specdec.registry import build
 from verifiers.base import NodeRule, walk_tree
 
 _REGISTRY: dict[str, str] = {
@@ -30,14 +29,7 @@ def available() -> list[str]:
 
 def get(name: str | NodeRule, **kwargs) -> NodeRule:
     """The rule called ``name`` built with ``kwargs``; a rule object is returned unchanged."""
-    if not isinstance(name, str):
-        if not hasattr(name, "select"):
-            raise TypeError(f"{name!r} is neither a verifier name nor an object with select(...)")
-        return name
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown verifier {name!r}; valid names: {', '.join(available())}")
-    module, cls = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+    return build(_REGISTRY, "verifier", "select", name, **kwargs)
 
 
 def optimal_acceptance(target_probs, draft_probs, k: int, sampling: str = "iid") -> float:
