@@ -18,7 +18,7 @@ It ignores ``draft_probs``, so every ``sampling`` kind is accepted.
 
 References:
     Kim, Mangalam, Moon, Malik, Mahoney, Gholami, Keutzer. "Speculative Decoding with Big Little
-        Decoder". NeurIPS 2023. arXiv:2302.07863. (Section 3.3: fallback and rollback policies.)
+        Decoder". NeurIPS 2023. arXiv:2302.07863. (the fallback and rollback policies.)
 """
 
 from __future__ import annotations

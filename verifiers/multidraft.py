@@ -12,9 +12,10 @@ min-cut, for the set A of tokens on the source side of the cut,
     alpha* = 1 - max_A [ Q(every draft lies in A) - target(A) ]
 
 (Hu et al. 2025 reach the same subset-selection form through LP duality). The maximising A can be
-taken as a prefix of the draft-support tokens sorted by target(x) / q(x) ascending (Hu et al.
-2025 prove this structure; tests/test_verifiers_multidraft.py checks it against the LP and against
-brute force over every subset), so alpha* is a sort plus a scan over V prefixes:
+taken as a prefix of the draft-support tokens sorted by target(x) / q(x) ascending, the structure
+Hu et al. 2025 exploit (tests/test_verifiers_multidraft.py checks it, for both sampling kinds,
+against the LP and against brute force over every subset), so alpha* is a sort plus a scan over
+V prefixes:
 
 - ``"iid"``: Q(all k drafts in A) = q(A)^k.
 - ``"without_replacement"``: drafts are the first k of an exponential race, token x arriving at
@@ -176,10 +177,11 @@ class CouplingPlan:
     key_probs: np.ndarray  # [K] probability of drawing each key
     accept: list[dict[int, float]]  # per key: token -> joint mass accepted
     residual_probs: np.ndarray  # [V] where rejected mass goes
-    acceptance: float  # total accepted mass (the LP optimum)
+    acceptance: float  # acceptance before the rejected-mass stage (the LP optimum)
     head: list[int] | None = None  # distinct tokens; others are the TAIL symbol (None: all)
     tail_probs: np.ndarray | None = None  # [V] the drafter restricted to the tail, normalised
     rejected_by_tail_count: dict[int, float] | None = None  # tail drafts -> mass rejected
+    target_tail_probs: np.ndarray | None = None  # [V] the target restricted to the tail
 
     def key_index(self, draft_tokens) -> int:
         if self.head is not None:
@@ -246,8 +248,11 @@ def solve_coupling(target_probs, draft_probs, k: int, sampling: str,
                    head: list[int] | None = None) -> CouplingPlan:
     """The optimal coupling LP of k drafts (exponential in k: use for small draft supports).
 
-    With ``head`` (iid only) the LP couples multisets over the head tokens plus one merged tail
-    symbol whose tokens are never accepted: still lossless, optimal among such plans.
+    With ``head`` (iid only) the keys are multisets over the head tokens plus one `TAIL` symbol.
+    A key's tail drafts are i.i.d. from the drafter restricted to the tail, so the LP may send
+    up to target(tail) of mass into a *tail channel*: recursive rejection of the key's t tail
+    drafts against the target restricted to the tail, which emits exactly that distribution and
+    accepts with a known probability a_t (the LP's weight for that mass).
     """
     if sampling not in BOUND_SAMPLING:
         raise ValueError(f"the coupling LP supports sampling in {BOUND_SAMPLING}, got {sampling!r}")
@@ -256,20 +261,39 @@ def solve_coupling(target_probs, draft_probs, k: int, sampling: str,
     draft = _as_numpy(draft_probs)
     draft = draft / draft.sum()
     keys, key_probs = _draft_keys(draft, k, sampling, head)
-    rows, cols, pairs = [], [], []
+    tail_probs = target_tail_probs = None
+    tail_acceptance: dict[int, float] = {}  # t tail drafts -> a_t
+    if head is not None:
+        tail_probs = draft.copy()
+        tail_probs[head] = 0.0
+        tail_probs /= tail_probs.sum()
+        target_tail_mass = float(np.delete(target, head).sum())
+        if target_tail_mass > 0:
+            target_tail_probs = target.copy()
+            target_tail_probs[head] = 0.0
+            target_tail_probs /= target_tail_probs.sum()
+            tail_acceptance = {t: iid_rejection_acceptance(target_tail_probs, tail_probs, t)
+                               for t in range(1, k + 1)}
+    pairs, weights = [], []  # LP variables: (key, token or TAIL), value of a unit of mass
     for key_index, key in enumerate(keys):
         for token in sorted(set(key) - {TAIL}):
             pairs.append((key_index, token))
-    n_vars = len(pairs)
-    tokens = sorted({token for _, token in pairs})
-    token_row = {token: len(keys) + i for i, token in enumerate(tokens)}
+            weights.append(1.0)
+        if TAIL in key and tail_acceptance:
+            pairs.append((key_index, TAIL))
+            weights.append(tail_acceptance[key.count(TAIL)])
+    columns = sorted({token for _, token in pairs})  # head tokens (and TAIL)
+    column_capacity = np.array([target_tail_mass if token == TAIL else target[token]
+                                for token in columns])
+    column_row = {token: len(keys) + i for i, token in enumerate(columns)}
+    rows, cols = [], []
     for var, (key_index, token) in enumerate(pairs):
-        rows += [key_index, token_row[token]]
+        rows += [key_index, column_row[token]]
         cols += [var, var]
     constraints = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)),
-                                    shape=(len(keys) + len(tokens), n_vars))
-    capacity = np.concatenate([key_probs, target[tokens]])
-    solution = optimize.linprog(-np.ones(n_vars), A_ub=constraints, b_ub=capacity,
+                                    shape=(len(keys) + len(columns), len(pairs)))
+    solution = optimize.linprog(-np.asarray(weights), A_ub=constraints,
+                                b_ub=np.concatenate([key_probs, column_capacity]),
                                 bounds=(0, None), method="highs",
                                 options={"primal_feasibility_tolerance": 1e-10,
                                          "dual_feasibility_tolerance": 1e-10})
@@ -277,30 +301,35 @@ def solve_coupling(target_probs, draft_probs, k: int, sampling: str,
         raise RuntimeError(f"coupling LP failed: {solution.message}")
     # make the plan exactly feasible, so losslessness does not rest on the solver's tolerance
     mass = np.clip(solution.x, 0.0, None)
-    key_of = np.array([key_index for key_index, _ in pairs])
-    token_of = np.array([token for _, token in pairs])
+    key_of = np.array([key_index for key_index, _ in pairs], dtype=np.int64)
+    column_of = np.array([column_row[token] - len(keys) for _, token in pairs], dtype=np.int64)
     row_sum = np.bincount(key_of, weights=mass, minlength=len(keys))
     mass *= np.minimum(1.0, key_probs / np.maximum(row_sum, 1e-300))[key_of]
-    col_sum = np.bincount(token_of, weights=mass, minlength=target.size)
-    mass *= np.minimum(1.0, target / np.maximum(col_sum, 1e-300))[token_of]
-    accepted_probs = np.bincount(token_of, weights=mass, minlength=target.size)  # [V]
-    leftover = np.clip(target - accepted_probs, 0.0, None)  # [V]
-    residual_probs = leftover / leftover.sum() if leftover.sum() > 0 else target
+    col_sum = np.bincount(column_of, weights=mass, minlength=len(columns))
+    mass *= np.minimum(1.0, column_capacity / np.maximum(col_sum, 1e-300))[column_of]
+    accepted_probs = np.zeros_like(target)  # [V] output mass the plan routes before rejection
     accept: list[dict[int, float]] = [dict() for _ in keys]
     for (key_index, token), value in zip(pairs, mass):
         accept[key_index][token] = float(value)
-    tail_probs, rejected_by_tail_count = None, None
+        if token == TAIL:
+            accepted_probs += value * target_tail_probs
+        else:
+            accepted_probs[token] += value
+    leftover = np.clip(target - accepted_probs, 0.0, None)  # [V]
+    residual_probs = leftover / leftover.sum() if leftover.sum() > 0 else target
+    rejected_by_tail_count = None
     if head is not None:
-        tail_probs = draft.copy()
-        tail_probs[head] = 0.0
-        tail_probs /= tail_probs.sum()
         rejected_by_tail_count = Counter()
-        accepted_by_key = np.bincount(key_of, weights=mass, minlength=len(keys))
-        for key, key_prob, accepted in zip(keys, key_probs, accepted_by_key):
-            rejected_by_tail_count[key.count(TAIL)] += float(key_prob - accepted)
+        routed_by_key = np.bincount(key_of, weights=mass, minlength=len(keys))
+        for key, key_prob, routed in zip(keys, key_probs, routed_by_key):
+            rejected_by_tail_count[key.count(TAIL)] += float(key_prob - routed)
         rejected_by_tail_count = dict(rejected_by_tail_count)
-    return CouplingPlan(keys, key_probs, accept, residual_probs, float(mass.sum()), head,
-                        tail_probs, rejected_by_tail_count)
+    return CouplingPlan(keys, key_probs, accept, residual_probs, float(np.dot(mass, weights)),
+                        head, tail_probs, rejected_by_tail_count, target_tail_probs)
+
+
+def _tensor(probs: np.ndarray | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if probs is None else torch.as_tensor(probs, device=like.device)
 
 
 def iid_rejection_acceptance(target_probs, draft_probs, k: int) -> float:
@@ -360,22 +389,28 @@ class OptimalRule:
             return self._fallback.select(target_probs, draft_tokens, draft_probs,
                                          sampling=sampling, generator=generator)
         key_index = plan.key_index(draft_tokens)
+        tail = self._tail_positions(plan, draft_tokens)
+        tail_probs = _tensor(plan.tail_probs, target_probs)  # [V] or None
+
+        def emit(token):  # a recovered token that is also a draft is that draft, accepted
+            return (draft_tokens.index(token), token) if token in draft_tokens else (-1, token)
+
+        def verify_tail(stage_target):  # the tail drafts against ``stage_target`` [V], exactly
+            index, token = self._fallback.select(stage_target, [draft_tokens[i] for i in tail],
+                                                 tail_probs, sampling="iid", generator=generator)
+            return (tail[index], token) if index >= 0 else emit(token)
+
         threshold = uniform(generator, target_probs.device) * plan.key_probs[key_index]
         for token, mass in plan.accept[key_index].items():
             threshold -= mass
             if threshold < 0:
+                if token == TAIL:
+                    return verify_tail(_tensor(plan.target_tail_probs, target_probs))
                 return draft_tokens.index(token), token
-        residual_probs = torch.as_tensor(plan.residual_probs, device=target_probs.device)  # [V]
-        tail = self._tail_positions(plan, draft_tokens)
-        if tail:  # tail drafts are i.i.d. from the tail distribution: verify them exactly
-            tail_probs = torch.as_tensor(plan.tail_probs, device=target_probs.device)  # [V]
-            index, token = self._fallback.select(residual_probs, [draft_tokens[i] for i in tail],
-                                                 tail_probs, sampling="iid", generator=generator)
-            if index >= 0:
-                return tail[index], token
-        else:
-            token = sample(residual_probs, generator)
-        return (draft_tokens.index(token), token) if token in draft_tokens else (-1, token)
+        residual_probs = _tensor(plan.residual_probs, target_probs)  # [V]
+        if tail:
+            return verify_tail(residual_probs)
+        return emit(sample(residual_probs, generator))
 
     @staticmethod
     def _tail_positions(plan: CouplingPlan, draft_tokens) -> list[int]:
@@ -419,20 +454,26 @@ class OptimalRule:
                                                       sampling=sampling)
         key_index = plan.key_index(draft_tokens)
         key_prob = plan.key_probs[key_index]
-        residual_probs = torch.as_tensor(plan.residual_probs, dtype=torch.float64)  # [V]
-        rejected = 1.0 - sum(plan.accept[key_index].values()) / key_prob
-        for token, mass in plan.accept[key_index].items():
-            accept_probs[draft_tokens.index(token)] = mass / key_prob
         tail = self._tail_positions(plan, draft_tokens)
-        if tail:
+        recovered_probs = torch.zeros(target.numel(), dtype=torch.float64)
+
+        def stage(weight, stage_target):  # recovered mass of verifying the tail drafts, or a draw
+            if not tail:
+                return weight * stage_target
             tail_accept, tail_recovered = self._fallback.output_distribution(
-                residual_probs, [draft_tokens[i] for i in tail],
+                stage_target, [draft_tokens[i] for i in tail],
                 torch.as_tensor(plan.tail_probs, dtype=torch.float64), sampling="iid")
             for position, prob in zip(tail, tail_accept.tolist()):
-                accept_probs[position] += rejected * prob
-            recovered_probs = rejected * tail_recovered
-        else:
-            recovered_probs = rejected * residual_probs
+                accept_probs[position] += weight * prob
+            return weight * tail_recovered
+
+        for token, mass in plan.accept[key_index].items():
+            if token == TAIL:
+                recovered_probs += stage(mass / key_prob, torch.as_tensor(plan.target_tail_probs))
+            else:
+                accept_probs[draft_tokens.index(token)] += mass / key_prob
+        rejected = 1.0 - sum(plan.accept[key_index].values()) / key_prob
+        recovered_probs += stage(rejected, torch.as_tensor(plan.residual_probs, dtype=torch.float64))
         # a residual token that is also a draft is accepted (same token, the walk goes on)
         for index, token in enumerate(draft_tokens):
             if draft_tokens.index(token) == index:

@@ -20,7 +20,7 @@ Only ``"iid"`` children are supported: the analysis needs identically distribute
 
 References:
     Sun, Suresh, Ro, Beirami, Jain, Yu. "SpecTr: Fast Speculative Decoding via Optimal
-        Transport". NeurIPS 2023. arXiv:2310.15141. (Algorithm K-SEQ, Section 4.)
+        Transport". NeurIPS 2023. arXiv:2310.15141. (the K-SEQ algorithm.)
 """
 
 from __future__ import annotations

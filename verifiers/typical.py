@@ -18,7 +18,7 @@ entropy 0) only the argmax passes, so greedy decoding is reproduced exactly. It 
 
 References:
     Cai, Li, Geng, Peng, Lee, Chen, Dao. "Medusa: Simple LLM Inference Acceleration Framework
-        with Multiple Decoding Heads". ICML 2024. arXiv:2401.10774. (Section 2.3.1; defaults
+        with Multiple Decoding Heads". ICML 2024. arXiv:2401.10774. (typical acceptance; defaults
         epsilon = 0.09 and alpha = 0.3 as in its reference implementation.)
     Hewitt, Manning, Liang. "Truncation Sampling as Language Model Desmoothing". 2022.
 """
