@@ -31,11 +31,14 @@ def tiny_config(arch: str, vocab: int = 96):
 ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
 
 
-def tiny_model(arch: str = "llama", vocab: int = 96, seed: int = 0, scale: float = 1.0):
+def tiny_model(arch: str = "llama", vocab: int = 96, seed: int = 0, scale: float = 1.0,
+               tie_word_embeddings: bool = False):
     """A random tiny causal LM. ``scale`` sharpens its distributions (larger = peakier), so
     greedy continuations repeat and drafters see both acceptances and rejections."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, vocab)).eval()
+    config = tiny_config(arch, vocab)
+    config.tie_word_embeddings = tie_word_embeddings
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if scale != 1.0:
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(scale)

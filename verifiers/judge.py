@@ -123,6 +123,7 @@ def _children_hidden(context) -> torch.Tensor:
 
 class JudgeRule:
     lossless: ClassVar[bool] = False
+    needs_hidden_states: ClassVar[bool] = True  # the loop then passes the children's hidden states
     supported: ClassVar[tuple[str, ...]] = ExactRule.supported
 
     def __init__(self, head: JudgeHead | str | Path, threshold: float = 0.5):
