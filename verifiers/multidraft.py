@@ -30,18 +30,22 @@ V prefixes:
   sorted tokens, kept in log space so large t neither overflows nor cancels).
 
 **The rule** (`OptimalRule`). When the number of distinct draft multisets (iid) or sets (without
-replacement) is at most ``max_keys`` (default 5000), it solves the coupling LP exactly with scipy's HiGHS:
-variables accept[key, y] >= 0 for each token y in the key, sum_y accept <= Q(key),
+replacement) is at most ``max_keys`` (default 5000), it solves the coupling LP exactly with
+scipy's HiGHS: variables accept[key, y] >= 0 for each token y in the key, sum_y accept <= Q(key),
 sum_key accept <= target(y), maximise the total. The LP only depends on the drafts through their
 multiset, which keeps it small. Mass a key does not accept is coupled with the common residual
 norm(target - accepted), so the output marginal is exactly ``target_probs`` whatever the LP
 solver's tolerance (the plan is clipped to be feasible first). Given the observed drafts the rule
 samples from the plan's conditional for their key. For larger i.i.d. supports the LP keeps the
 drafter's likeliest tokens distinct (as many as ``max_keys`` allows) and merges the rest into one
-tail symbol that is never accepted: a smaller LP whose plan is still lossless and optimal among
-plans that never accept tail tokens (nearly all of the optimum when the drafter's mass is in its
-head). Larger without-replacement supports fall back to recursive rejection
-(`verifiers.rejection.ExactRule`), whose key probabilities would not aggregate exactly.
+tail symbol. The tail drafts of a key are i.i.d. from the drafter restricted to the tail, so the
+LP may route up to target(tail) of mass into a *tail channel*: recursive rejection of those
+drafts against the target restricted to the tail, which emits exactly that distribution and
+accepts with a closed-form probability (the LP's weight for that mass). Mass the plan leaves
+unrouted goes to the residual, against which the tail drafts are verified once more. Every stage
+is exact, so the rule stays lossless; the LP picks the best mix of these channels. Larger
+without-replacement supports fall back to recursive rejection (`verifiers.rejection.ExactRule`),
+whose key probabilities would not aggregate exactly.
 ``"deterministic"`` children are handled exactly as well: sample y from the target and accept it
 if it is a child, which attains the bound target(children).
 
