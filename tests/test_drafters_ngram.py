@@ -55,3 +55,29 @@ def test_bad_drafter_settings():
         drafters.get("pld", num_draft_tokens=0)
     with pytest.raises(ValueError, match="node_budget >= 1"):
         drafters.get("trie", node_budget=0)
+
+
+def reference_continuation(tokens, max_ngram, min_ngram, length):
+    """The obvious loop: longest tail n-gram first, latest earlier occurrence wins."""
+    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tail:
+                return tokens[start + n: start + n + length]
+    return []
+
+
+def test_prompt_lookup_search_agrees_with_the_obvious_loop():
+    import random
+
+    import numpy as np
+
+    from drafters.prompt_lookup import find_continuation
+
+    rng = random.Random(0)
+    for _ in range(500):
+        tokens = [rng.randrange(6) for _ in range(rng.randint(1, 40))]
+        max_ngram = rng.randint(1, 4)
+        min_ngram = rng.randint(1, max_ngram)
+        fast = find_continuation(np.asarray(tokens), max_ngram, min_ngram, 5)
+        assert fast == reference_continuation(tokens, max_ngram, min_ngram, 5)
