@@ -14,6 +14,7 @@ import sys
 
 _SUBCOMMANDS = {
     "generate": ("specdec.cli", "generate: speculative generation on one prompt"),
+    "eval": ("evals.cli", "eval: speed, acceptance and quality on MT-Bench, GSM8K, HumanEval"),
     "train": ("drafters.train", "train a drafter (medusa, hydra, hydra++, distilled) on a target"),
 }
 
