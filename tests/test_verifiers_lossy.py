@@ -188,6 +188,10 @@ def test_judge_select_samples_follow_its_distribution_and_need_context():
     assert all(result == (0, 2) for result in results)  # exact rejects ~89%, the judge rescues
     with pytest.raises(ValueError, match="hidden states"):
         rule.select(target, [2], draft, sampling="iid", generator=generator)
+    sized = JudgeRule(JudgeHead(4))
+    with pytest.raises(ValueError, match="size 4"):
+        sized.select(target, [2], draft, sampling="iid", generator=generator,
+                     context=torch.zeros(1, 7))
 
 
 def test_judge_head_round_trips_through_safetensors(tmp_path):

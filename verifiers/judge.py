@@ -83,20 +83,20 @@ class JudgeHead(nn.Module):
 
 
 def train_head(head: JudgeHead, hidden_states: torch.Tensor, labels: torch.Tensor, *,
-               epochs: int = 200, lr: float = 1e-2,
+               epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0,
                positive_weight: float | None = None) -> list[float]:
     """Fit ``head`` on ``hidden_states [N, H]`` with 0/1 ``labels [N]`` (1 = acceptable).
 
-    Full-batch Adam on the weighted logistic loss (positives are rare among mismatches, so they
-    are up-weighted to balance the classes unless ``positive_weight`` is given). Returns the loss
-    per epoch.
+    Full-batch AdamW (``weight_decay``: decoupled L2) on the weighted logistic loss (positives are
+    rare among mismatches, so they are up-weighted to balance the classes unless
+    ``positive_weight`` is given). Returns the loss per epoch.
     """
     labels = labels.float()
     if positive_weight is None:
         positives = float(labels.sum())
         positive_weight = (labels.numel() - positives) / max(positives, 1.0)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_weight))
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     losses = []
     head.train()
     for _ in range(epochs):
@@ -137,7 +137,14 @@ class JudgeRule:
     @torch.no_grad()
     def scores(self, context) -> torch.Tensor:
         """[k] the judge's probability that each child is acceptable."""
-        return torch.sigmoid(self.head(_children_hidden(context)).float().cpu())
+        hidden = _children_hidden(context)  # [k, H]
+        expected = getattr(self.head, "hidden_size", hidden.shape[-1])
+        if hidden.shape[-1] != expected:
+            raise ValueError(
+                f"the judge head reads hidden states of size {expected}, but the target's have "
+                f"{hidden.shape[-1]}: train a head for this target (python -m verifiers.judge_train)"
+            )
+        return torch.sigmoid(self.head(hidden).float().cpu())
 
     def rescued_child(self, draft_tokens, context) -> int:
         """The child the judge accepts after a rejection, or -1."""

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import specdec
 from verifiers.judge import JudgeHead, train_head
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -102,23 +103,29 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=5)
     parser.add_argument("--min-alternative", type=float, default=0.05)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--weight-decay", type=float, default=0.1,
+                        help="L2 penalty: hidden states are wide and labelled swaps few")
+    parser.add_argument("--examples", help="cache of labelled swaps (.pt): reused if present")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import specdec
-
-    model, tokenizer = specdec.load_embedded()
-    lines = GSM8K.read_text().splitlines()[-args.questions:]
-    features, labels = [], []
-    for line in tqdm(lines, desc="labelling swaps"):
-        for hidden, label in examples_for_question(model, tokenizer, json.loads(line)["question"],
-                                                   args.swaps, args.min_alternative,
-                                                   args.max_new_tokens):
-            features.append(hidden)
-            labels.append(label)
-    if len(labels) < 10:
-        raise SystemExit(f"only {len(labels)} labelled swaps: raise --questions")
-    features, labels = torch.stack(features), torch.tensor(labels)
+    if args.examples and Path(args.examples).exists():
+        features, labels = torch.load(args.examples).values()
+    else:
+        model, tokenizer = specdec.load_embedded()
+        lines = GSM8K.read_text().splitlines()[-args.questions:]
+        rows, targets = [], []
+        for line in tqdm(lines, desc="labelling swaps"):
+            question = json.loads(line)["question"]
+            for hidden, label in examples_for_question(model, tokenizer, question, args.swaps,
+                                                       args.min_alternative, args.max_new_tokens):
+                rows.append(hidden)
+                targets.append(label)
+        if len(targets) < 10:
+            raise SystemExit(f"only {len(targets)} labelled swaps: raise --questions")
+        features, labels = torch.stack(rows), torch.tensor(targets)
+        if args.examples:
+            torch.save({"features": features, "labels": labels}, args.examples)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
     split = int(0.8 * len(labels))
     train, held_out = order[:split], order[split:]
@@ -126,7 +133,8 @@ def main() -> None:
     head = JudgeHead(features.shape[1])
     # hidden states have a large scale; standardising inside the head keeps it a plain linear map
     mean, std = features[train].mean(0), features[train].std(0).clamp_min(1e-6)
-    train_head(head, (features[train] - mean) / std, labels[train], epochs=300, lr=1e-2)
+    train_head(head, (features[train] - mean) / std, labels[train], epochs=300, lr=1e-2,
+               weight_decay=args.weight_decay)
     with torch.no_grad():
         head.net.weight /= std
         head.net.bias -= (head.net.weight * mean).sum()
@@ -137,6 +145,7 @@ def main() -> None:
         "held_out_accuracy": float((predicted[held_out] == labels[held_out]).float().mean()),
         "held_out_majority_baseline": float(max(labels[held_out].mean(), 1 - labels[held_out].mean())),
         "questions": args.questions, "swaps": args.swaps, "max_new_tokens": args.max_new_tokens,
+        "weight_decay": args.weight_decay,
         "data": "GSM8K test, last questions of the file",
     }
     head.save_pretrained(args.out)
