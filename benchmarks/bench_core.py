@@ -91,7 +91,7 @@ def main() -> None:
         speed = {name: [] for name in methods}
         ratio = {name: [] for name in methods}
         mismatches = {name: 0 for name in methods}
-        for input_ids in prompts(tokenizer, dataset, args.limit, args.data_dir):
+        for index, input_ids in enumerate(prompts(tokenizer, dataset, args.limit, args.data_dir)):
             input_ids = input_ids.to(device)
             results = {}
             for name, fn in methods.items():
@@ -103,6 +103,8 @@ def main() -> None:
                 speed[name].append(new / seconds)
                 ratio[name].append(base_time / seconds)
                 mismatches[name] += out.tolist() != base_out.tolist()
+            print(f"{dataset} prompt {index}: " + ", ".join(
+                f"{name} {results[name][1]:.2f}s" for name in methods), flush=True)
         for name in methods:
             rows.append((dataset, name, statistics.median(speed[name]),
                          statistics.median(ratio[name]), mismatches[name]))
