@@ -161,7 +161,8 @@ class TrainedModule(nn.Module):
     @classmethod
     def base_config(cls, target, draft_to_target: torch.Tensor, **options) -> dict:
         fingerprint = target_fingerprint(target)
-        fingerprint["name"] = str(getattr(target.config, "_name_or_path", "") or type(target).__name__)
+        source = str(getattr(target.config, "_name_or_path", "") or type(target).__name__)
+        fingerprint["name"] = Path(source).name  # not the local folder it was loaded from
         return {"kind": cls.kind, "target": fingerprint, "draft_vocab": int(draft_to_target.numel()),
                 **options}
 
