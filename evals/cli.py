@@ -1,4 +1,4 @@
-"""``specdec eval``: speed, acceptance and quality of decoding methods on MT-Bench, GSM8K, HumanEval.
+"""``specdec eval``: speed, acceptance and quality of decoding methods (MT-Bench, GSM8K, HumanEval).
 
     specdec eval --datasets mt_bench,gsm8k,humaneval --methods baseline,hf-pld,pld,trie \\
         --limit 5 --max-new-tokens 128 --data-dir ../shared/data --out runs/embedded

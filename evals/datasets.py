@@ -59,7 +59,9 @@ class Example:
 def _require(row: dict, fields: dict[str, type | tuple[type, ...]], where: str,
              kind: str) -> None:
     if not isinstance(row, dict):
-        raise DatasetError(f"{where}: expected a JSON object ({kind} row), got {type(row).__name__}")
+        raise DatasetError(
+            f"{where}: expected a JSON object ({kind} row), got {type(row).__name__}"
+        )
     for name, types in fields.items():
         if name not in row:
             raise DatasetError(

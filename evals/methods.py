@@ -115,7 +115,9 @@ class MethodSpec:
 
     @property
     def needs_draft_model(self) -> bool:
-        return self.name == "hf-assisted" or (self.name == "small-lm" and "model" not in self.kwargs)
+        if self.name == "hf-assisted":
+            return True
+        return self.name == "small-lm" and "model" not in self.kwargs
 
 
 def parse_method(spec: str) -> MethodSpec:
@@ -130,7 +132,9 @@ def parse_method(spec: str) -> MethodSpec:
     verifier, verifier_kwargs = parse_part(parts[1], spec) if len(parts) == 2 else (None, {})
     if name in HF_METHODS:
         if verifier is not None:
-            raise ValueError(f"method {spec!r}: {name} is Hugging Face generate; it takes no verifier")
+            raise ValueError(
+                f"method {spec!r}: {name} is Hugging Face generate; it takes no verifier"
+            )
     elif name not in drafters.available():
         raise ValueError(
             f"unknown method {name!r} in {spec!r}; valid: {', '.join(HF_METHODS)}, or a drafter "

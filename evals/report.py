@@ -128,7 +128,7 @@ def plot(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
     by_key = {(r["dataset"], r["method"]): r for r in rows}
     width = 0.8 / max(len(datasets), 1)
 
-    figure, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(methods) * 2), 4.5))
+    figure, axes = plt.subplots(2, 1, figsize=(max(7, 0.8 * len(methods)), 8))
     for axis, field, label in ((axes[0], "speedup", "speedup vs baseline (median)"),
                                (axes[1], "tau", "tau (tokens per step)")):
         for i, dataset in enumerate(datasets):
@@ -155,8 +155,12 @@ def plot(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
         axis.set_xlabel("draft depth")
         axis.set_ylim(0, 1.02)
     axes[0][0].set_ylabel("acceptance rate")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
+    legend = {}  # label -> handle, over every panel (a method may only appear in some)
+    for axis in axes[0]:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        handles, labels = list(legend.values()), list(legend)
         figure.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(4, len(labels)),
                       bbox_to_anchor=(0.5, -0.02))
     figure.tight_layout(rect=(0, 0.12, 1, 1))

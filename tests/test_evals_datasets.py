@@ -119,7 +119,7 @@ def test_duplicate_ids_are_refused(tmp_path):
         load("mt_bench", tmp_path)
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the shared offline data is not on this machine")
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="no shared offline data on this machine")
 def test_shared_offline_data_loads_completely():
     sizes = {name: len(load(name, SHARED_DATA)) for name in datasets.BUILTIN}
     assert sizes == {"mt_bench": 80, "gsm8k": 1319, "humaneval": 164}
