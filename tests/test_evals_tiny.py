@@ -100,3 +100,25 @@ def test_lossless_methods_reproduce_the_baseline_greedy():
         assert generation.output_ids == baseline.output_ids, label
     assert outputs["pld"].accepted_lengths is not None
     assert sum(outputs["pld"].accepted_lengths) == len(baseline.output_ids)
+
+
+def test_sampled_methods_are_reproducible_from_the_seed():
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    prompt = tokenizer("abcabcabc the cat sat", return_tensors="pt").input_ids
+    for spec in parse_methods("baseline,pld+exact"):
+        runs = [Method(spec, model, SamplingSettings(temperature=1.0, seed=seed),
+                       eos_token_id=1)(prompt, 16).output_ids for seed in (3, 3, 4)]
+        assert runs[0] == runs[1], spec.label
+        assert runs[0] != runs[2], spec.label  # 16 tokens over 128 ids: equal by chance ~never
+
+
+def test_cli_dataset_selection():
+    from types import SimpleNamespace
+
+    from evals.cli import _dataset_names
+
+    assert _dataset_names(SimpleNamespace(datasets=None, data=[])) == [
+        "mt_bench", "gsm8k", "humaneval"]
+    assert _dataset_names(SimpleNamespace(datasets=None, data=["q.jsonl"])) == ["q.jsonl"]
+    assert _dataset_names(SimpleNamespace(datasets="gsm8k", data=["q.jsonl"])) == [
+        "gsm8k", "q.jsonl"]
