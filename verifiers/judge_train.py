@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--weight-decay", type=float, default=0.1,
                         help="L2 penalty: hidden states are wide and labelled swaps few")
-    parser.add_argument("--examples", help="cache of labelled swaps (.pt): reused if present")
+    parser.add_argument("--examples", help="cache of labelled swaps (.pt), written after every "
+                        "question and reused (without labelling) when present")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -121,11 +122,12 @@ def main() -> None:
                                                        args.min_alternative, args.max_new_tokens):
                 rows.append(hidden)
                 targets.append(label)
+            if args.examples and rows:  # saved as it goes: labelling is slow on a CPU
+                torch.save({"features": torch.stack(rows), "labels": torch.tensor(targets)},
+                           args.examples)
         if len(targets) < 10:
             raise SystemExit(f"only {len(targets)} labelled swaps: raise --questions")
         features, labels = torch.stack(rows), torch.tensor(targets)
-        if args.examples:
-            torch.save({"features": features, "labels": labels}, args.examples)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
     split = int(0.8 * len(labels))
     train, held_out = order[:split], order[split:]
