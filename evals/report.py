@@ -95,7 +95,7 @@ def _cell(value, digits: int = 2) -> str:
 
 
 def markdown(rows: Sequence[dict], title: str | None = None) -> str:
-    header = ["dataset", "method", "n", "new tokens", "tokens/s", "speedup", "tau",
+    header = ["dataset", "method", "lossless", "n", "new tokens", "tokens/s", "speedup", "tau",
               "identical", "quality"]
     lines = [f"## {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -108,7 +108,7 @@ def markdown(rows: Sequence[dict], title: str | None = None) -> str:
             quality = "-"
         speedup = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
         lines.append("| " + " | ".join([
-            row["dataset"], row["method"], str(row["n"]), _cell(row["new_tokens"], 1),
+            row["dataset"], row["method"], "yes" if row["lossless"] else "no", str(row["n"]), _cell(row["new_tokens"], 1),
             _cell(row["tokens_per_s"], 1), speedup, _cell(row["tau"]),
             _cell(row["identical"]), quality,
         ]) + " |")

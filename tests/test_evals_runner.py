@@ -182,7 +182,7 @@ def test_cli_outputs_and_summary_equal_numbers_recomputed_from_the_records(tmp_p
             assert quality == pytest.approx(expected["correct"])
         assert row["identical"] == 1.0  # all lossless at temperature 0
     table = (out / "summary.md").read_text()
-    assert "| gsm8k | pld | 2 |" in table and "pass@1" in table
+    assert "| gsm8k | pld | yes | 2 |" in table and "pass@1" in table
 
 
 def test_summary_marks_differences_from_the_baseline():
