@@ -196,3 +196,18 @@ def test_unknown_weights_name_lists_the_shipped_ones(target):
         speculative_generate(target, torch.tensor([[1, 2, 3]]),
                              drafter=drafters.get("medusa", weights="no-such-weights"),
                              verifier="greedy", max_new_tokens=4, temperature=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_shipped_weights_on_the_embedded_model(embedded, kind):
+    model, tokenizer = embedded
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}],
+                                         tokenize=False, add_generation_prompt=True)
+    input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    expected = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                              do_sample=False, max_new_tokens=12, pad_token_id=0)
+    out = speculative_generate(model, input_ids, drafter=drafters.get(kind), verifier="greedy",
+                               max_new_tokens=12, temperature=0.0,
+                               eos_token_id=tokenizer.eos_token_id)
+    assert out.sequences.tolist() == expected.tolist()
