@@ -45,7 +45,7 @@ class NgramIndex:
 
 class NgramTrieDrafter(DrafterBase):
     def __init__(self, node_budget: int = 12, max_depth: int = 8, max_ngram: int = 4,
-                 min_ngram: int = 1, max_occurrences: int = 32,
+                 min_ngram: int = 2, max_occurrences: int = 32,
                  corpus: Sequence[Sequence[int]] | None = None):
         if node_budget < 1 or max_depth < 1 or not 1 <= min_ngram <= max_ngram:
             raise ValueError(

@@ -24,7 +24,8 @@ def make_drafter(name, target):
     if name == "small-lm-tree":
         return drafters.get("small-lm", model=perturbed_copy(target, 0.02), depth=3,
                             branching=[3, 2, 1], max_frontier=4)
-    return drafters.get(name)
+    # short random-model outputs repeat only short n-grams, so allow unigram lookups here
+    return drafters.get(name, min_ngram=1)
 
 
 DRAFTERS = ["pld", "trie", "small-lm", "small-lm-tree"]

@@ -14,21 +14,25 @@ def state_of(tokens, vocab=100, max_new_tokens=50):
                          max_new_tokens=max_new_tokens, device=torch.device("cpu"))
 
 
-def test_prompt_lookup_drafts_after_the_most_recent_longest_match():
-    pld = drafters.get("pld", num_draft_tokens=3, max_ngram=2)
-    #         the tail "7 8" occurred twice; the most recent is followed by 4 5 6
-    tree = pld.propose(state_of([7, 8, 1, 2, 3, 9, 7, 8, 4, 5, 6, 0, 7, 8]))
-    assert tree.tokens == [4, 5, 6] and tree.parent_list == [-1, 0, 1]
+def test_prompt_lookup_drafts_after_the_longest_match():
+    text = [7, 8, 1, 2, 3, 9, 7, 8, 4, 5, 6, 0, 7, 8]  # the tail "7 8" occurred twice before
+    first = drafters.get("pld", num_draft_tokens=3, max_ngram=2)
+    tree = first.propose(state_of(text))
+    assert tree.tokens == [1, 2, 3] and tree.parent_list == [-1, 0, 1]
     assert tree.sampling_of(-1) == "deterministic"
-    # no bigram match: falls back to the unigram "8"
-    assert pld.propose(state_of([8, 3, 1, 5, 8])).tokens == [3, 1, 5]
-    assert len(pld.propose(state_of([1, 2, 3, 4]))) == 0  # nothing to look up
+    last = drafters.get("pld", num_draft_tokens=3, max_ngram=2, match="last")
+    assert last.propose(state_of(text)).tokens == [4, 5, 6]
+    # no bigram match: a unigram "8" match counts only when min_ngram allows it
+    assert len(first.propose(state_of([8, 3, 1, 5, 8]))) == 0
+    unigram = drafters.get("pld", num_draft_tokens=3, max_ngram=2, min_ngram=1)
+    assert unigram.propose(state_of([8, 3, 1, 5, 8])).tokens == [3, 1, 5]
+    assert len(first.propose(state_of([1, 2, 3, 4]))) == 0  # nothing to look up
     # never drafts more than the remaining budget allows
-    assert pld.propose(state_of([7, 8, 4, 5, 6, 7, 8], max_new_tokens=2)).tokens == [4]
+    assert first.propose(state_of([7, 8, 4, 5, 6, 7, 8], max_new_tokens=2)).tokens == [4]
 
 
 def test_trie_merges_continuations_by_frequency_within_budget():
-    trie = drafters.get("trie", node_budget=4, max_depth=3, max_ngram=2)
+    trie = drafters.get("trie", node_budget=4, max_depth=3, max_ngram=2, min_ngram=1)
     text = [1, 2, 5, 6, 9,  1, 2, 5, 6, 8,  1, 2, 7, 3, 3,  1, 2]
     state = state_of(text)
     trie.begin(state)
@@ -57,11 +61,12 @@ def test_bad_drafter_settings():
         drafters.get("trie", node_budget=0)
 
 
-def reference_continuation(tokens, max_ngram, min_ngram, length):
-    """The obvious loop: longest tail n-gram first, latest earlier occurrence wins."""
+def reference_continuation(tokens, max_ngram, min_ngram, length, match):
+    """The obvious loop: longest tail n-gram first, then the first or latest occurrence."""
     for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
         tail = tokens[-n:]
-        for start in range(len(tokens) - n - 1, -1, -1):
+        starts = range(len(tokens) - n)
+        for start in (starts if match == "first" else reversed(starts)):
             if tokens[start:start + n] == tail:
                 return tokens[start + n: start + n + length]
     return []
@@ -79,5 +84,6 @@ def test_prompt_lookup_search_agrees_with_the_obvious_loop():
         tokens = [rng.randrange(6) for _ in range(rng.randint(1, 40))]
         max_ngram = rng.randint(1, 4)
         min_ngram = rng.randint(1, max_ngram)
-        fast = find_continuation(np.asarray(tokens), max_ngram, min_ngram, 5)
-        assert fast == reference_continuation(tokens, max_ngram, min_ngram, 5)
+        for match in ("first", "last"):
+            fast = find_continuation(np.asarray(tokens), max_ngram, min_ngram, 5, match)
+            assert fast == reference_continuation(tokens, max_ngram, min_ngram, 5, match)
