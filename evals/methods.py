@@ -125,11 +125,13 @@ def parse_method(spec: str) -> MethodSpec:
     import drafters
     import verifiers
 
+    # the verifier follows the last '+'; drafter names may end in '+' themselves (hydra++)
     parts = _split_top(spec.strip(), "+")
-    if len(parts) > 2:
-        raise ValueError(f"method {spec!r}: at most one '+' (drafter+verifier)")
-    name, kwargs = parse_part(parts[0], spec)
-    verifier, verifier_kwargs = parse_part(parts[1], spec) if len(parts) == 2 else (None, {})
+    head, tail = "+".join(parts[:-1]), parts[-1]
+    if len(parts) == 1 or not tail.strip():
+        head, tail = spec.strip(), ""
+    name, kwargs = parse_part(head, spec)
+    verifier, verifier_kwargs = parse_part(tail, spec) if tail.strip() else (None, {})
     if name in HF_METHODS:
         if verifier is not None:
             raise ValueError(

@@ -122,3 +122,12 @@ def test_cli_dataset_selection():
     assert _dataset_names(SimpleNamespace(datasets=None, data=["q.jsonl"])) == ["q.jsonl"]
     assert _dataset_names(SimpleNamespace(datasets="gsm8k", data=["q.jsonl"])) == [
         "gsm8k", "q.jsonl"]
+
+
+def test_drafter_names_ending_in_plus_keep_their_verifier_apart():
+    import drafters
+
+    assert "hydra++" in drafters.available()
+    assert (parse_method("hydra++").name, parse_method("hydra++").verifier) == ("hydra++", None)
+    spec = parse_method("hydra++:depth=3+exact")
+    assert (spec.name, spec.kwargs, spec.verifier) == ("hydra++", {"depth": 3}, "exact")
