@@ -206,8 +206,8 @@ def test_shipped_weights_on_the_embedded_model(embedded, kind):
                                          tokenize=False, add_generation_prompt=True)
     input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     expected = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                              do_sample=False, max_new_tokens=12, pad_token_id=0)
+                              do_sample=False, max_new_tokens=8, pad_token_id=0)
     out = speculative_generate(model, input_ids, drafter=drafters.get(kind), verifier="greedy",
-                               max_new_tokens=12, temperature=0.0,
+                               max_new_tokens=8, temperature=0.0,
                                eos_token_id=tokenizer.eos_token_id)
     assert out.sequences.tolist() == expected.tolist()
