@@ -94,7 +94,8 @@ class GenerationStats:
     @property
     def acceptance_per_depth(self) -> list[float]:
         """P(the d-th draft token is accepted | the tree reached depth d), d = 1, 2, ..."""
-        return [a / n if n else 0.0 for a, n in zip(self.depth_accepts, self.depth_attempts)]
+        accepts = self.depth_accepts + [0] * (len(self.depth_attempts) - len(self.depth_accepts))
+        return [a / n if n else 0.0 for a, n in zip(accepts, self.depth_attempts)]
 
     @property
     def tokens_per_s(self) -> float:
