@@ -18,6 +18,9 @@ _REGISTRY: dict[str, str] = {
     "hydra": "drafters.hydra:HydraDrafter",
     "hydra++": "drafters.hydra:HydraPlusPlusDrafter",
     "distilled": "drafters.distilled:DistilledDrafter",
+    "eagle": "drafters.eagle:EagleDrafter",
+    "eagle2": "drafters.eagle:Eagle2Drafter",
+    "eagle3": "drafters.eagle:Eagle3Drafter",
 }
 
 

@@ -46,6 +46,8 @@ KINDS: dict[str, tuple[str, dict]] = {
     "hydra": ("drafters.hydra:HydraHeads", {"loss": "ce"}),
     "hydra++": ("drafters.hydra:HydraHeads", {"loss": "kl", "plus": True}),
     "distilled": ("drafters.distilled:DistilledLM", {"loss": "kl"}),
+    "eagle": ("drafters.eagle:EagleModule", {"loss": "kl"}),
+    "eagle3": ("drafters.eagle:Eagle3Module", {"loss": "kl"}),
 }
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -116,6 +118,12 @@ def encode_first_exchange(tokenizer, turns: list[dict], seq_len: int) -> list[in
 
 
 # ---------------------------------------------------------------------------------- extraction
+def default_aux_layers(target) -> list[int]:
+    """Low, middle and high ``hidden_states`` indices for EAGLE-3's fused features."""
+    layers = int(target.config.get_text_config().num_hidden_layers)
+    return sorted({min(2, layers), layers // 2, max(layers - 3, 0)})
+
+
 def _manifest(folder: Path) -> dict | None:
     path = folder / "manifest.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -130,20 +138,25 @@ def _atomic_write(path: Path, text: str) -> None:
 @torch.no_grad()
 def extract_features(target, sequences: Iterable[list[int] | None], folder: str | Path,
                      max_tokens: int, *, source: str, seq_len: int = 256, top_k: int = 20,
-                     batch_size: int = 4, shard_sequences: int = 64, progress: bool = True) -> dict:
+                     aux_layers: Iterable[int] | None = None, batch_size: int = 4,
+                     shard_sequences: int = 64, progress: bool = True) -> dict:
     """Make sure ``folder`` caches at least ``max_tokens`` positions of target features; returns
     the manifest. Resumes (or extends) an existing cache of the same target and settings.
 
     ``sequences`` yields token lists (None for a record to skip) in the same order on every run;
     ``source`` names it in the manifest, so a cache of other data is never extended.
+    ``aux_layers``: indices into the model's ``hidden_states`` (0 = embeddings) also stored, as
+    ``aux_hidden [N, L, len(aux_layers), H]`` (EAGLE-3's low / mid / high features); default
+    ``default_aux_layers(target)``.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    aux_layers = [int(i) for i in (default_aux_layers(target) if aux_layers is None else aux_layers)]
     settings = {"target": target_fingerprint(target), "data": source, "seq_len": seq_len,
-                "teacher_top_k": top_k}
+                "teacher_top_k": top_k, "aux_layers": aux_layers}
     manifest = _manifest(folder) or {**settings, "shards": [], "next_conversation": 0, "tokens": 0}
     mismatch = [k for k in settings if manifest.get(k) != settings[k]]
     if mismatch:
@@ -159,6 +172,8 @@ def extract_features(target, sequences: Iterable[list[int] | None], folder: str 
     pending: list[list[int]] = []
     rows: dict[str, list[torch.Tensor]] = {"tokens": [], "lengths": [], "hidden": [],
                                            "teacher_ids": [], "teacher_probs": []}
+    if aux_layers:
+        rows["aux_hidden"] = []
 
     def run_batch(batch: list[list[int]]) -> None:
         length = max(len(s) for s in batch)
@@ -179,6 +194,9 @@ def extract_features(target, sequences: Iterable[list[int] | None], folder: str 
             torch.nn.functional.pad(teacher.indices.cpu(), (0, 0, 0, pad)).to(torch.int32))
         rows["teacher_probs"].append(
             torch.nn.functional.pad(teacher.values.cpu(), (0, 0, 0, pad)).half())
+        if aux_layers:
+            aux = torch.stack([out.hidden_states[i].float() for i in aux_layers], 2)  # [B, T, A, H]
+            rows["aux_hidden"].append(torch.nn.functional.pad(aux.cpu(), (0, 0, 0, 0, 0, pad)).half())
 
     def flush(next_conversation: int) -> None:
         if not rows["tokens"]:
@@ -230,6 +248,8 @@ class FeatureSet:
     hidden: torch.Tensor  # [N, L, H] float16, target last-layer hidden states
     teacher_ids: torch.Tensor  # [N, L, K] int32, the target's top-K next tokens at each position
     teacher_probs: torch.Tensor  # [N, L, K] float16, their probabilities
+    aux_hidden: torch.Tensor | None = None  # [N, L, A, H] float16, low/mid/high-layer features
+    aux_layers: tuple[int, ...] = ()  # the hidden_states indices of aux_hidden
 
     @classmethod
     def load(cls, folder: str | Path, max_tokens: int | None = None) -> "FeatureSet":
@@ -245,7 +265,8 @@ class FeatureSet:
                 break
             parts.append(load_file(folder / shard["file"]))
             total += shard["tokens"]
-        return cls(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+        return cls(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]},
+                   aux_layers=tuple(manifest.get("aux_layers", ())))
 
     def __len__(self) -> int:
         return int(self.lengths.numel())
@@ -271,7 +292,7 @@ class FeatureSet:
         length = int(self.lengths[rows].max())
         tokens = self.tokens[rows, :length].long()  # [B, T]
         teacher_ids = self.teacher_ids[rows, :length].long()  # [B, T, K]
-        return {
+        batch = {
             "tokens": tokens,
             "mask": torch.arange(length) < self.lengths[rows, None].long(),  # [B, T]
             "hidden": self.hidden[rows, :length].float(),  # [B, T, H]
@@ -279,17 +300,26 @@ class FeatureSet:
             "teacher_probs": self.teacher_probs[rows, :length].float(),  # [B, T, K]
             "label_draft_ids": target_to_draft[tokens],  # [B, T]
         }
+        if self.aux_hidden is not None:
+            batch["aux_hidden"] = self.aux_hidden[rows, :length].float()  # [B, T, A, H]
+        return batch
 
 
 # ---------------------------------------------------------------------------------- training
 def build_trainable(kind: str, target, draft_to_target: torch.Tensor, **options):
     if kind not in KINDS:
         raise ValueError(f"unknown drafter kind {kind!r}; trainable kinds: {', '.join(KINDS)}")
+    import inspect
+
     path, defaults = KINDS[kind]
     module, cls = path.split(":")
+    factory = getattr(importlib.import_module(module), cls).for_training
+    accepted = inspect.signature(factory).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
     merged = {**defaults, **{k: v for k, v in options.items() if v is not None}}
-    return getattr(importlib.import_module(module), cls).for_training(
-        target, draft_to_target, **merged)
+    # options one kind does not know (a Medusa run given --ttt-steps) are dropped, not errors
+    merged = {k: v for k, v in merged.items() if k in accepted or takes_any}
+    return factory(target, draft_to_target, **merged)
 
 
 def train_drafter(module, features: FeatureSet, out: str | Path, *, epochs: float = 1.0,
@@ -373,12 +403,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--teacher-top-k", type=int, default=20)
     parser.add_argument("--extract-batch-size", type=int, default=4)
+    parser.add_argument("--extract-only", action="store_true",
+                        help="only fill the feature cache (e.g. in the background), train later")
     parser.add_argument("--draft-vocab", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=None, help="number of heads (tree depth)")
     parser.add_argument("--layers", type=int, default=None, help="layers per head / draft layers")
     parser.add_argument("--loss", choices=["ce", "kl"], default=None,
                         help="ce: the data's next tokens; kl: the target's distribution "
                              "(default per kind: medusa/hydra ce, hydra++/distilled kl)")
+    parser.add_argument("--ttt-steps", type=int, default=None,
+                        help="eagle/eagle3: training-time-test steps (default 1 / 4)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -409,10 +443,13 @@ def run(args: argparse.Namespace) -> int:
     extracted = time.perf_counter() - start
     print(f"features: {manifest['tokens']} tokens cached in {features_dir} "
           f"({extracted:.0f} s this run)")
+    if args.extract_only:
+        return 0
     features = FeatureSet.load(features_dir, args.max_tokens)
     draft_to_target = features.draft_vocab(args.draft_vocab, always=_special_ids(tokenizer))
     module = build_trainable(args.kind, target, draft_to_target, heads=args.heads,
-                             layers=args.layers, loss=args.loss)
+                             layers=args.layers, loss=args.loss, ttt_steps=args.ttt_steps,
+                             aux_layers=features.aux_layers)
     module.config["training"] = {
         "data": args.data, "sequences": len(features), "tokens": features.num_tokens,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,

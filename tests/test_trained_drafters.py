@@ -1,4 +1,5 @@
-"""Trained drafters (Medusa, Hydra, Hydra++, distilled small LM) and their training pipeline.
+"""Trained drafters (Medusa, Hydra, Hydra++, distilled small LM, EAGLE, EAGLE-3) and their
+training pipeline.
 
 Everything runs on a tiny random Llama target built here (hidden 32, vocabulary 96): feature
 extraction (and its resumption), a short training run per kind, save/load round trips, greedy
@@ -19,7 +20,7 @@ from drafters.train import FeatureSet, build_trainable, extract_features, train_
 from specdec.loop import speculative_generate
 
 VOCAB = 96
-KINDS = ["medusa", "hydra", "hydra++", "distilled"]
+KINDS = ["medusa", "hydra", "hydra++", "distilled", "eagle", "eagle3"]
 SMALL_TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 
 
@@ -69,7 +70,8 @@ def trained(target, features, tmp_path_factory):
     out = {}
     for kind in KINDS:
         torch.manual_seed(0)
-        module = build_trainable(kind, target, draft_to_target, heads=3, layers=1)
+        module = build_trainable(kind, target, draft_to_target, heads=3, layers=1, ttt_steps=2,
+                                 aux_layers=features.aux_layers)
         folder = tmp_path_factory.mktemp(kind.replace("+", "p"))
         losses = train_drafter(module, features, folder, batch_size=8, lr=3e-2, max_steps=40,
                                checkpoint_every=20, progress=False)
@@ -80,6 +82,8 @@ def trained(target, features, tmp_path_factory):
 def drafter_for(kind: str, weights, tree=SMALL_TREE):
     if kind == "distilled":
         return drafters.get("distilled", weights=weights, depth=3, branching=[2, 1, 1])
+    if kind == "eagle3":  # EAGLE-2 dynamic tree
+        return drafters.get("eagle3", weights=weights, depth=4, top_k=3, beam=3, max_nodes=8)
     return drafters.get(kind, weights=weights, tree=tree)
 
 

@@ -1,0 +1,106 @@
+"""EAGLE / EAGLE-2 / EAGLE-3 specifics (the shared trained-drafter tests are in
+tests/test_trained_drafters.py): the training-time test sees exactly what drafting sees, the
+dynamic tree keeps its budget and its parents, and bad settings are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import drafters
+from drafters.eagle import Eagle3Module, EagleModule
+from drafters.train import default_aux_layers
+from specdec.sampling import SamplingConfig
+from specdec.state import DecodingState
+from tests.test_trained_drafters import VOCAB, tiny_target
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+def module_for(kind: str, target):
+    torch.manual_seed(3)
+    draft_to_target = torch.randperm(VOCAB)[:64]
+    cls = Eagle3Module if kind == "eagle3" else EagleModule
+    module = cls.for_training(target, draft_to_target, aux_layers=default_aux_layers(target))
+    for p in module.parameters():  # a random, non-trivial drafter
+        torch.nn.init.normal_(p, std=0.3)
+    return module.eval()
+
+
+def state_for(target, tokens: list[int]) -> DecodingState:
+    """The state after a prefill of ``tokens``: hidden states of all but the last token."""
+    with torch.no_grad():
+        out = target(torch.tensor([tokens[:-1]]), output_hidden_states=True)
+    return DecodingState(tokens=list(tokens), prompt_length=len(tokens), vocab_size=VOCAB,
+                         sampling=SamplingConfig(0.0), generator=None, max_new_tokens=16,
+                         device=torch.device("cpu"), target=target,
+                         hidden_states=tuple(h[0] for h in out.hidden_states))
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_training_time_test_matches_drafting(target, kind):
+    """Unrolled training step j at row n-1+j computes the same output as the drafter at depth
+    j + 1 of a chain, when fed the tokens the drafter drafted."""
+    module = module_for(kind, target)
+    context = [5, 17, 3, 40, 22, 9, 61]
+    n = len(context) - 1
+    outputs: list[torch.Tensor] = []
+    step = module.step
+
+    def recording_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        outputs.append(result[0][0, -1].clone())
+        return result
+
+    module.step = recording_step
+    depth = 4
+    drafter = drafters.get(kind, weights=module, tree=[[0] * d for d in range(1, depth + 1)])
+    state = state_for(target, context)
+    drafter.begin(state)
+    chain = drafter.propose(state).tokens
+    assert len(chain) == depth
+    del module.step
+
+    sequence = context + chain
+    with torch.no_grad():
+        hidden = target(torch.tensor([sequence]), output_hidden_states=True).hidden_states
+    length = len(sequence)
+    real = torch.arange(length) < n  # target features exist for committed rows 0..n-1 only
+    last = hidden[-1].float() * real[None, :, None]
+    aux = torch.stack([hidden[i] for i in default_aux_layers(target)], 2).float()
+    u0 = module.root_features(last, aux * real[None, :, None, None])
+    next_tokens = torch.tensor([sequence[1:] + [0]])
+    with torch.no_grad():
+        unrolled = module.unroll(u0, next_tokens, depth)
+    for j in range(depth):
+        torch.testing.assert_close(unrolled[j][0, n - 1 + j], outputs[j], atol=1e-5, rtol=1e-4)
+
+
+def test_dynamic_tree_keeps_budget_parents_and_values(target):
+    module = module_for("eagle", target)
+    drafter = drafters.get("eagle2", weights=module, depth=5, top_k=4, beam=3, max_nodes=10)
+    state = state_for(target, [5, 17, 3, 40, 22])
+    drafter.begin(state)
+    tree = drafter.propose(state)
+    assert len(tree) == 10 and tree.max_depth <= 5
+    scores = getattr(tree, "node_scores", None)
+    if scores is not None:  # the product of draft probabilities never grows down a path
+        for node, parent in enumerate(tree.parent_list):
+            assert 0 < scores[node] <= (1.0 if parent < 0 else scores[parent]) + 1e-7
+    # a bigger budget drafts a superset of the same nodes (same values, same ranking)
+    bigger = drafters.get("eagle2", weights=module, depth=5, top_k=4, beam=3, max_nodes=16)
+    bigger.begin(state)
+    large = bigger.propose(state)
+    paths = {tuple(tree.tokens[i] for i in tree.path_to(n)) for n in range(len(tree))}
+    large_paths = {tuple(large.tokens[i] for i in large.path_to(n)) for n in range(len(large))}
+    assert paths < large_paths
+
+
+def test_bad_settings_are_refused(target):
+    with pytest.raises(ValueError, match="depth must be a positive integer"):
+        drafters.get("eagle2", depth=0)
+    with pytest.raises(ValueError, match="aux_layers"):
+        Eagle3Module.for_training(target, torch.arange(32), aux_layers=())
