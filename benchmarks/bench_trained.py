@@ -1,4 +1,10 @@
-"""Trained drafters on the embedded model: Medusa, Hydra, Hydra++ and the distilled small LM.
+"""Trained drafters on the embedded model (Medusa, Hydra, Hydra++, the distilled small LM, EAGLE,
+EAGLE-2, EAGLE-3, Falcon) beside HF greedy ``generate`` and HF prompt lookup.
+
+A method is a drafter name, optionally with a label after a slash so one drafter can run in
+several settings (``eagle3/wide`` with ``--drafter-arg eagle3/wide:max_nodes=64``), or ``hf-pld``
+(``generate(prompt_lookup_num_tokens=10)``). ``--drafter-arg NAME:tree_budget=auto`` hands the
+loop a cost-aware tree budget instead of passing it to the drafter.
 
 Every method runs in one process beside HF greedy ``generate``, interleaved per prompt, after a
 warm-up of each, greedy, ``--max-new-tokens`` new tokens, timing each whole generation (prefill
@@ -18,6 +24,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -73,7 +80,13 @@ def main() -> None:
     for item in args.drafter_arg:
         name, _, pair = item.partition(":")
         options.setdefault(name, []).append(pair)
-    built = {m: drafters.get(m, **parse_kwargs(options[m])) for m in methods}
+    loop_options, built = {}, {}
+    for m in methods:
+        if m == "hf-pld":
+            continue
+        kwargs = parse_kwargs(options[m])
+        loop_options[m] = {"tree_budget": kwargs.pop("tree_budget")} if "tree_budget" in kwargs else {}
+        built[m] = drafters.get(m.split("/")[0], **kwargs)
     eos = tokenizer.eos_token_id
 
     def hf_greedy(input_ids):
@@ -84,10 +97,27 @@ def main() -> None:
         return out, time.perf_counter() - start
 
     def speculative(method, input_ids):
+        if method == "hf-pld":
+            calls = []
+            hook = model.register_forward_hook(lambda *_: calls.append(1))
+            start = time.perf_counter()
+            try:
+                out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                     do_sample=False, max_new_tokens=args.max_new_tokens,
+                                     eos_token_id=eos, pad_token_id=eos, prompt_lookup_num_tokens=10)
+            finally:
+                hook.remove()
+            elapsed = time.perf_counter() - start
+            new = out.shape[1] - input_ids.shape[1]
+            # one forward of the target per step: tau is new tokens per target forward
+            stats = SimpleNamespace(tau=new / max(len(calls), 1), new_tokens=new, draft_time=0.0,
+                                    depth_attempts=[], depth_accepts=[], extra={})
+            return SimpleNamespace(sequences=out, stats=stats), elapsed
         start = time.perf_counter()
         out = speculative_generate(model, input_ids, drafter=built[method], verifier="greedy",
                                    max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                   eos_token_id=eos, generator=torch.Generator().manual_seed(0))
+                                   eos_token_id=eos, generator=torch.Generator().manual_seed(0),
+                                   **loop_options[method])
         return out, time.perf_counter() - start
 
     warm = encode(tokenizer, "Say hello.")
@@ -109,25 +139,27 @@ def main() -> None:
                     "speedup": hf_time / elapsed, "tau": stats.tau,
                     "new_tokens": stats.new_tokens, "draft_share": stats.draft_time / elapsed,
                     "depth_attempts": stats.depth_attempts, "depth_accepts": stats.depth_accepts,
+                    "mean_tree": statistics.mean(stats.tree_sizes) if getattr(stats, "tree_sizes", None) else 0.0,
                     "equal": out.sequences.tolist() == reference.tolist(),
                 })
             print(f"{dataset} prompt {i}: HF {hf_time:.2f}s | " + " | ".join(
                 f"{m} x{rows[m][-1]['speedup']:.2f} tau {rows[m][-1]['tau']:.2f}" for m in methods),
                 flush=True)
 
-    print(f"\n| data set | drafter | tau | acceptance per depth | draft share | speedup vs HF greedy "
-          f"| equal to HF |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| data set | method | tau | acceptance per depth | mean tree | draft share "
+          f"| speedup vs HF greedy | equal to HF |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for dataset, rows in results.items():
         for method, runs in rows.items():
-            depth = max(len(r["depth_attempts"]) for r in runs)
+            depth = max(len(r["depth_attempts"]) for r in runs) if runs else 0
             reached = [sum(r["depth_attempts"][d] for r in runs if d < len(r["depth_attempts"]))
                        for d in range(depth)]
             accepted = [sum(r["depth_accepts"][d] for r in runs if d < len(r["depth_accepts"]))
                         for d in range(depth)]
             per_depth = " ".join(f"{a / n:.2f}" for a, n in zip(accepted, reached) if n)
             print(f"| {dataset} | {method} | {statistics.median(r['tau'] for r in runs):.2f} "
-                  f"| {per_depth} | {statistics.median(r['draft_share'] for r in runs):.0%} "
+                  f"| {per_depth} | {statistics.mean(r['mean_tree'] for r in runs):.1f} "
+                  f"| {statistics.median(r['draft_share'] for r in runs):.0%} "
                   f"| {statistics.median(r['speedup'] for r in runs):.2f}x "
                   f"| {sum(r['equal'] for r in runs)}/{len(runs)} |")
     if args.json:

@@ -72,7 +72,13 @@ class EagleModule(TrainedModule):
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.layer = DraftDecoderLayer(hidden, config["num_heads"], config["intermediate_size"],
                                        config["rope_theta"])
-        self.out_norm = RMSNorm(hidden) if config["features"] == "fused" else None
+        self.out_norm = None
+        if config["features"] == "fused":
+            self.out_norm = RMSNorm(hidden)
+            final_norm = getattr(target.get_decoder(), "norm", None)
+            if getattr(final_norm, "weight", None) is not None and final_norm.weight.shape == (hidden,):
+                # start as the target's own output head: its final norm, then its lm_head rows
+                self.out_norm.weight.data.copy_(final_norm.weight.detach().float())
         self.register_buffer("head_weight", draft_head_weight(target, self.draft_to_target),
                              persistent=False)  # [Vd, H] frozen
         # the target's input embeddings, shared (not copied, never saved)
@@ -259,8 +265,6 @@ class EagleDrafter(DrafterBase):
         context = self._fed
         draft_to_target = module.draft_to_target
         want_probs = self.with_draft_probs and not state.sampling.greedy
-        budget = getattr(state, "node_budget", None)
-        max_nodes = self.max_nodes if not budget else min(self.max_nodes, max(budget, 1))
 
         # created nodes: token (target id), parent, value, depth, output row (when expanded)
         tokens: list[int] = []
@@ -330,7 +334,7 @@ class EagleDrafter(DrafterBase):
             # rerank: the most valuable nodes of any depth; a parent's value is never below its
             # child's, and ties go to the shallower node, so parents are always kept
             order = sorted(range(len(tokens)), key=lambda i: (-values[i], depths[i], i))
-            keep = sorted(order[:max_nodes], key=lambda i: (depths[i], i))
+            keep = sorted(order[:self.max_nodes], key=lambda i: (depths[i], i))
         else:
             keep = sorted(range(len(tokens)), key=lambda i: (depths[i], i))
         new_index = {-1: -1, **{old: new for new, old in enumerate(keep)}}

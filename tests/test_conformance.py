@@ -12,7 +12,7 @@ import torch
 import drafters
 import verifiers
 from conftest import perturbed_copy, tiny_model
-from drafters.train import build_trainable
+from drafters.train import build_trainable, default_aux_layers
 from specdec import speculative_generate
 from verifiers.judge import JudgeHead
 
@@ -27,13 +27,15 @@ def target():
     return model
 
 
-def trained(kind):
+def trained(kind, name=None, **drafter_options):
+    """A drafter of trainable ``kind`` (fresh weights), built as ``name`` (default: kind)."""
     def make(target):
         torch.manual_seed(0)
-        module = build_trainable(kind, target, torch.arange(64), heads=3, layers=1)
+        module = build_trainable(kind, target, torch.arange(64), heads=3, layers=1,
+                                 aux_layers=default_aux_layers(target))
         if kind == "distilled":
             return drafters.get("distilled", weights=module, depth=3, branching=[2, 1, 1])
-        return drafters.get(kind, weights=module, tree=SMALL_TREE)
+        return drafters.get(name or kind, weights=module, **(drafter_options or {"tree": SMALL_TREE}))
     return make
 
 
@@ -50,6 +52,9 @@ DRAFTERS = {
     "hydra": trained("hydra"),
     "hydra++": trained("hydra++"),
     "distilled": trained("distilled"),
+    "eagle": trained("eagle"),
+    "eagle2": trained("eagle", "eagle2", depth=3, top_k=3, beam=2, max_nodes=6),
+    "eagle3": trained("eagle3", "eagle3", depth=3, top_k=3, beam=2, max_nodes=6),
 }
 
 VERIFIERS = {
