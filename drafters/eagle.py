@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from drafters.base import DrafterBase
-from drafters.draft_layer import DraftDecoderLayer, RMSNorm, rope_base
+from drafters.draft_layer import DraftDecoderLayer, RMSNorm, fast_dtype, rope_base
 from drafters.medusa import DEFAULT_TREE, draft_probs_on_target
 from drafters.trained import TrainedModule, distillation_loss, draft_head_weight, rank_tree_children
 from specdec.state import DecodingState
@@ -193,7 +193,9 @@ class EagleDrafter(DrafterBase):
     or a loaded module. ``tree``: ``"dynamic"`` (EAGLE-2) or Medusa-style rank paths (static,
     EAGLE-1). The drafter keeps its own key/value cache of the committed context (one row per
     committed token but the newest), extended each step with the target's features of the tokens
-    the step committed.
+    the step committed. ``dtype``: the drafter's compute dtype; ``"auto"`` picks bfloat16 where
+    the device runs it natively (drafters/draft_layer.py ``fast_dtype``) for weights loaded by
+    name or path, and leaves a module passed in as it is.
     """
 
     needs_hidden_states = True
@@ -201,7 +203,8 @@ class EagleDrafter(DrafterBase):
     default_tree: str | list = DEFAULT_TREE
 
     def __init__(self, weights: str | Path | EagleModule | None = None, tree=None, depth: int = 6,
-                 top_k: int = 8, beam: int = 8, max_nodes: int = 32, with_draft_probs: bool = True):
+                 top_k: int = 8, beam: int = 8, max_nodes: int = 32, with_draft_probs: bool = True,
+                 dtype: str | torch.dtype | None = "auto"):
         self.weights = weights or self.default_weights
         self.module: EagleModule | None = weights if isinstance(weights, EagleModule) else None
         tree = self.default_tree if tree is None else tree
@@ -213,6 +216,11 @@ class EagleDrafter(DrafterBase):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.depth, self.top_k, self.beam, self.max_nodes = depth, top_k, beam, max_nodes
         self.with_draft_probs = with_draft_probs
+        if dtype not in ("auto", None) and not isinstance(dtype, torch.dtype):
+            dtype = getattr(torch, str(dtype), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError("dtype must be 'auto', None or a torch dtype such as 'bfloat16'")
+        self.dtype = dtype
         self._target = None
         self._keys: torch.Tensor | None = None  # [1, C, h, d] committed context rows
         self._values: torch.Tensor | None = None
@@ -224,6 +232,10 @@ class EagleDrafter(DrafterBase):
                 kind = _read_kind(self.weights)
                 cls = Eagle3Module if kind == "eagle3" else EagleModule
                 self.module = cls.from_pretrained(self.weights, state.target)
+                if self.dtype == "auto":
+                    self.module.to(fast_dtype(state.device))
+            if isinstance(self.dtype, torch.dtype):
+                self.module.to(self.dtype)
             self._target = state.target
         self._keys = self._values = None
         self._fed = 0
@@ -235,9 +247,10 @@ class EagleDrafter(DrafterBase):
         hidden = state.hidden_states
         m = hidden[-1].shape[0]
         aux = None
+        dtype = module.fc.weight.dtype
         if module.config["features"] == "fused":
-            aux = torch.stack([hidden[i] for i in module.config["aux_layers"]], 1)[None].float()
-        u = module.root_features(hidden[-1][None].float(), aux)  # [1, m, H]
+            aux = torch.stack([hidden[i] for i in module.config["aux_layers"]], 1)[None].to(dtype)
+        u = module.root_features(hidden[-1][None].to(dtype), aux)  # [1, m, H]
         n_tokens = len(state.tokens)
         start = n_tokens - 1 - m  # position of the first fed row
         if start != self._fed:

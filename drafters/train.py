@@ -322,6 +322,18 @@ def build_trainable(kind: str, target, draft_to_target: torch.Tensor, **options)
     return factory(target, draft_to_target, **merged)
 
 
+def continue_training(kind: str, weights, target):
+    """A trainable module of ``kind`` starting from trained ``weights`` (folder or shipped name),
+    e.g. to continue on a larger feature cache."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown drafter kind {kind!r}; trainable kinds: {', '.join(KINDS)}")
+    module_name, cls_name = KINDS[kind][0].split(":")
+    loaded = getattr(importlib.import_module(module_name), cls_name).from_pretrained(weights, target)
+    module = type(loaded)(dict(loaded.config), loaded.draft_to_target, target)
+    module.load_state_dict(loaded.trained_state(), strict=False)
+    return module.to(next(target.parameters()).device)
+
+
 def train_drafter(module, features: FeatureSet, out: str | Path, *, epochs: float = 1.0,
                   batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 0.0,
                   checkpoint_every: int = 50, seed: int = 0, progress: bool = True,
@@ -411,6 +423,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=["ce", "kl"], default=None,
                         help="ce: the data's next tokens; kl: the target's distribution "
                              "(default per kind: medusa/hydra ce, hydra++/distilled kl)")
+    parser.add_argument("--init", default=None,
+                        help="start from these trained weights (folder or shipped name) of the same "
+                             "kind, e.g. to continue on a larger feature cache")
     parser.add_argument("--ttt-steps", type=int, default=None,
                         help="eagle/eagle3: training-time-test steps (default 1 / 4)")
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -446,11 +461,20 @@ def run(args: argparse.Namespace) -> int:
     if args.extract_only:
         return 0
     features = FeatureSet.load(features_dir, args.max_tokens)
-    draft_to_target = features.draft_vocab(args.draft_vocab, always=_special_ids(tokenizer))
-    module = build_trainable(args.kind, target, draft_to_target, heads=args.heads,
-                             layers=args.layers, loss=args.loss, ttt_steps=args.ttt_steps,
-                             aux_layers=features.aux_layers)
+    if args.init:
+        # their draft vocabulary and architecture win over --draft-vocab / --heads / --layers
+        module = continue_training(args.kind, args.init, target)
+        if args.ttt_steps is not None and "ttt_steps" in module.config:
+            module.config["ttt_steps"] = args.ttt_steps
+        draft_to_target = module.draft_to_target
+    else:
+        draft_to_target = features.draft_vocab(args.draft_vocab, always=_special_ids(tokenizer))
+        module = build_trainable(args.kind, target, draft_to_target, heads=args.heads,
+                                 layers=args.layers, loss=args.loss, ttt_steps=args.ttt_steps,
+                                 aux_layers=features.aux_layers)
+    earlier = module.config.get("training")
     module.config["training"] = {
+        **({"continued_from": earlier} if earlier else {}),
         "data": args.data, "sequences": len(features), "tokens": features.num_tokens,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "draft_vocab": int(draft_to_target.numel()), "seq_len": args.seq_len,

@@ -16,7 +16,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import drafters
-from drafters.train import FeatureSet, build_trainable, extract_features, train_drafter
+from drafters.train import (FeatureSet, build_trainable, continue_training, extract_features,
+                            train_drafter)
 from specdec.loop import speculative_generate
 
 VOCAB = 96
@@ -161,6 +162,21 @@ def test_save_load_round_trip(trained, target, kind):
     for name, value in loaded.trained_state().items():
         assert torch.equal(value, saved[name]), name
     assert torch.equal(loaded.draft_to_target, module.draft_to_target)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle3"])
+def test_training_continues_from_trained_weights(trained, target, features, kind):
+    module, _, folder = trained[kind]
+    resumed = continue_training(kind, folder, target)
+    assert torch.equal(resumed.draft_to_target, module.draft_to_target)
+    for name, value in resumed.trained_state().items():
+        assert torch.equal(value, module.trained_state()[name].half().float()), name
+        assert value.requires_grad is False and resumed.get_parameter(name).requires_grad
+    losses = train_drafter(resumed, features, folder / "more", batch_size=8, lr=1e-2, max_steps=3,
+                           checkpoint_every=10, progress=False)
+    assert len(losses) == 3
+    with pytest.raises(ValueError, match="not 'hydra'"):
+        continue_training("hydra", folder, target)
 
 
 @pytest.mark.parametrize("verifier", ["greedy", "exact"])
