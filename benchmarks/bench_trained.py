@@ -67,6 +67,9 @@ def main() -> None:
                         help="keyword argument for one drafter, e.g. medusa:tree=[[0],[1],[0,0]]")
     parser.add_argument("--data-dir", type=Path, default=DATA)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--dtype", default="float32",
+                        help="the target's dtype (bfloat16: cheaper tree verification on CPUs with "
+                             "native bf16; greedy equality with HF then holds up to bf16 rounding)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 avoids thrashing on a CPU shared with other jobs)")
     args = parser.parse_args()
@@ -74,7 +77,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.dtype)
     methods = args.methods.split(",")
     options: dict[str, list[str]] = {m: [] for m in methods}
     for item in args.drafter_arg:

@@ -117,6 +117,84 @@ def encode_first_exchange(tokenizer, turns: list[dict], seq_len: int) -> list[in
     return tokenizer(full, add_special_tokens=False).input_ids[:seq_len]
 
 
+def first_user_prompt(tokenizer, turns: list[dict]) -> list[int] | None:
+    """Chat-templated first user turn with the generation prompt, or None."""
+    turn = turns[0] if turns else {}
+    text = turn.get("value", turn.get("content"))
+    if _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower()) != "user" \
+            or not isinstance(text, str) or not text.strip():
+        return None
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+    return tokenizer(prompt, add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def self_distilled(target, prompts: Iterable[list[int] | None], cache: str | Path, *,
+                   seq_len: int = 256, max_prompt: int = 96, batch_size: int = 16,
+                   eos_token_id: int | None = None, progress: bool = True) -> Iterator[list[int]]:
+    """Prompt + the target's own greedy answer, up to ``seq_len`` tokens, for each prompt of at
+    most ``max_prompt`` tokens (others: None, to keep positions aligned with ``prompts``).
+
+    Drafters then learn the target on the text it really writes, not on another model's answers
+    (self-distillation, as in Medusa-2 and FR-Spec). Answers are generated in left-padded batches
+    and appended to the JSONL ``cache`` as they come; a rerun yields the cached ones and generates
+    only the rest, so an interruption loses at most one batch.
+    """
+    from tqdm.auto import tqdm
+
+    cache = Path(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[int, list[int]] = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by an interruption
+                continue
+            done[record["index"]] = record["tokens"]
+    device = next(target.parameters()).device
+    pad = 0 if eos_token_id is None else eos_token_id
+    bar = tqdm(desc="self-distilling", unit="answer", disable=not progress)
+
+    def generate(batch: list[tuple[int, list[int]]]) -> dict[int, list[int]]:
+        width = max(len(p) for _, p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (_, prompt) in enumerate(batch):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        out = target.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              do_sample=False, max_new_tokens=seq_len - width,
+                              eos_token_id=eos_token_id, pad_token_id=pad)
+        answers = {}
+        with cache.open("a") as f:
+            for row, (index, prompt) in enumerate(batch):
+                answer = out[row, width:].tolist()
+                if eos_token_id is not None and eos_token_id in answer:
+                    answer = answer[: answer.index(eos_token_id) + 1]
+                answers[index] = prompt + answer
+                f.write(json.dumps({"index": index, "tokens": answers[index]}) + "\n")
+        bar.update(len(batch))
+        return answers
+
+    def finish(chunk: list[tuple[int, list[int] | None]]) -> Iterator[list[int] | None]:
+        todo = [(i, p) for i, p in chunk if p is not None and i not in done]
+        if todo:
+            done.update(generate(todo))
+        for i, p in chunk:
+            yield done[i] if p is not None else None
+
+    chunk: list[tuple[int, list[int] | None]] = []
+    for index, prompt in enumerate(prompts):
+        chunk.append((index, prompt if prompt is not None and len(prompt) <= max_prompt else None))
+        if sum(p is not None for _, p in chunk) == batch_size:
+            yield from finish(chunk)
+            chunk = []
+    yield from finish(chunk)
+    bar.close()
+
+
 # ---------------------------------------------------------------------------------- extraction
 def default_aux_layers(target) -> list[int]:
     """Low, middle and high ``hidden_states`` indices for EAGLE-3's fused features."""
@@ -415,6 +493,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--teacher-top-k", type=int, default=20)
     parser.add_argument("--extract-batch-size", type=int, default=4)
+    parser.add_argument("--self-distill", action="store_true",
+                        help="train on the target's own greedy answers to the data's first user "
+                             "turns (generated once, cached beside the features) instead of the "
+                             "data's answers")
+    parser.add_argument("--generate-batch-size", type=int, default=16)
     parser.add_argument("--extract-only", action="store_true",
                         help="only fill the feature cache (e.g. in the background), train later")
     parser.add_argument("--draft-vocab", type=int, default=4096)
@@ -448,12 +531,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         from specdec.embedded import cache_root
         slug = lambda s: Path(str(s)).name.replace("/", "_") or "data"  # noqa: E731
-        features_dir = cache_root() / "features" / f"{slug(args.target)}-{slug(args.data)}-L{args.seq_len}"
+        kind = "-self" if args.self_distill else ""
+        features_dir = (cache_root() / "features"
+                        / f"{slug(args.target)}-{slug(args.data)}{kind}-L{args.seq_len}")
     start = time.perf_counter()
-    sequences = (encode_first_exchange(tokenizer, turns, args.seq_len)
-                 for turns in iter_conversations(args.data))
+    source = args.data
+    if args.self_distill:
+        source = f"{args.data} (answers by the target, greedy)"
+        sequences = self_distilled(
+            target, (first_user_prompt(tokenizer, turns) for turns in iter_conversations(args.data)),
+            features_dir.with_name(features_dir.name + "-answers.jsonl"), seq_len=args.seq_len,
+            batch_size=args.generate_batch_size, eos_token_id=tokenizer.eos_token_id)
+    else:
+        sequences = (encode_first_exchange(tokenizer, turns, args.seq_len)
+                     for turns in iter_conversations(args.data))
     manifest = extract_features(target, sequences, features_dir, args.max_tokens,
-                                source=args.data, seq_len=args.seq_len, top_k=args.teacher_top_k,
+                                source=source, seq_len=args.seq_len, top_k=args.teacher_top_k,
                                 batch_size=args.extract_batch_size)
     extracted = time.perf_counter() - start
     print(f"features: {manifest['tokens']} tokens cached in {features_dir} "

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import drafters
 from drafters.train import (FeatureSet, build_trainable, continue_training, extract_features,
-                            train_drafter)
+                            self_distilled, train_drafter)
 from specdec.loop import speculative_generate
 
 VOCAB = 96
@@ -105,6 +105,26 @@ def test_extraction_resumes_where_it_stopped(target, tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         extract_features(target, iter(sequences), tmp_path, 10_000, source="other", seq_len=40,
                          top_k=8, progress=False)
+
+
+def test_self_distilled_answers_are_the_targets_and_resume(target, tmp_path, monkeypatch):
+    prompts = [[5, 17, 3], list(range(1, 30)), [7, 8], [9], [11, 12, 13]]  # the second is too long
+    cache = tmp_path / "answers.jsonl"
+    first = list(self_distilled(target, iter(prompts[:3]), cache, seq_len=12, max_prompt=8,
+                                batch_size=2, progress=False))
+    assert first[1] is None and len(first) == 3
+    for prompt, sequence in zip(prompts, first):
+        if sequence is not None:  # the prompt, then the target's own greedy continuation
+            expected = target.generate(torch.tensor([prompt]), do_sample=False,
+                                       max_new_tokens=len(sequence) - len(prompt))
+            assert sequence == expected[0].tolist() and len(sequence) <= 12
+    calls = []
+    generate = target.generate
+    monkeypatch.setattr(target, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    again = list(self_distilled(target, iter(prompts), cache, seq_len=12, max_prompt=8,
+                                batch_size=2, progress=False))
+    assert again[:3] == first
+    assert len(calls) == 1 and all(s is not None for s in again[2:])  # only the new ones ran
 
 
 @pytest.mark.parametrize("kind", KINDS)
