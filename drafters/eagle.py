@@ -290,20 +290,24 @@ class EagleDrafter(DrafterBase):
         tree_keys: list[torch.Tensor] = []
         tree_values: list[torch.Tensor] = []
 
-        def add_children(parent: int, logits: torch.Tensor, parent_value: float, depth: int,
-                         ranks: list[int]) -> None:
-            probs = torch.softmax(logits.float(), -1)
-            top = torch.topk(probs, max(ranks) + 1)
-            if want_probs:
-                draft_probs[parent] = draft_probs_on_target(logits, draft_to_target,
-                                                            state.vocab_size, state)
-            base_path = rank_path[parent] if parent >= 0 else ()
-            for r in ranks:
-                tokens.append(int(draft_to_target[top.indices[r]]))
-                parents.append(parent)
-                values.append(parent_value * float(top.values[r]))
-                depths.append(depth)
-                rank_path.append(base_path + (r,))
+        def add_children(level: list[int], logits: torch.Tensor, depth: int) -> None:
+            """Children of each node in ``level`` from its draft logits [n, Vd], in one batch."""
+            ranks = [wanted_ranks(node) for node in level]
+            top = torch.topk(torch.softmax(logits.float(), -1), max(max(r) for r in ranks) + 1)
+            top_tokens = draft_to_target[top.indices].tolist()  # [n, width] target ids
+            top_probs = top.values.tolist()
+            for row, node in enumerate(level):
+                if want_probs:
+                    draft_probs[node] = draft_probs_on_target(logits[row], draft_to_target,
+                                                              state.vocab_size, state)
+                base_value = values[node] if node >= 0 else 1.0
+                base_path = rank_path[node] if node >= 0 else ()
+                for r in ranks[row]:
+                    tokens.append(top_tokens[row][r])
+                    parents.append(node)
+                    values.append(base_value * top_probs[row][r])
+                    depths.append(depth)
+                    rank_path.append(base_path + (r,))
 
         def wanted_ranks(parent: int) -> list[int]:
             if self.dynamic:
@@ -311,7 +315,7 @@ class EagleDrafter(DrafterBase):
             path = rank_path[parent] if parent >= 0 else ()
             return sorted(p[-1] for p in self.tree_paths if len(p) == len(path) + 1 and p[:-1] == path)
 
-        add_children(-1, module.logits(root_out), 1.0, 1, wanted_ranks(-1))
+        add_children([-1], module.logits(root_out)[None], 1)
         max_depth = self.depth if self.dynamic else max(len(p) for p in self.tree_paths)
         out_of: dict[int, torch.Tensor] = {-1: root_out}
         for depth in range(1, max_depth):
@@ -341,7 +345,7 @@ class EagleDrafter(DrafterBase):
             logits = module.logits(a[0])  # [n, Vd]
             for r, node in enumerate(level):
                 out_of[node] = a[0, r]
-                add_children(node, logits[r], values[node], depth + 1, wanted_ranks(node))
+            add_children(level, logits, depth + 1)
 
         if self.dynamic:
             # rerank: the most valuable nodes of any depth; a parent's value is never below its
