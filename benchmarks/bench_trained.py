@@ -30,6 +30,7 @@ import torch
 
 import drafters
 from specdec.cli import load_model, parse_kwargs
+from specdec.cost import make_budget
 from specdec.loop import speculative_generate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -88,7 +89,8 @@ def main() -> None:
         if m == "hf-pld":
             continue
         kwargs = parse_kwargs(options[m])
-        loop_options[m] = {"tree_budget": kwargs.pop("tree_budget")} if "tree_budget" in kwargs else {}
+        # one budget per method, so its acceptance estimates carry over from prompt to prompt
+        loop_options[m] = {"tree_budget": make_budget(kwargs.pop("tree_budget", None), model)}
         built[m] = drafters.get(m.split("/")[0], **kwargs)
     eos = tokenizer.eos_token_id
 

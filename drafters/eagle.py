@@ -358,15 +358,7 @@ class EagleDrafter(DrafterBase):
         tree_probs = {new_index[p]: q for p, q in draft_probs.items() if p in new_index}
         return DraftTree([tokens[i] for i in keep], [new_index[parents[i]] for i in keep],
                          tree_probs, {}, "deterministic",
-                         **_scores_kwarg([values[i] for i in keep]))
-
-
-def _scores_kwarg(scores: list[float]) -> dict:
-    """node_scores for the cost-aware budget, where this version of DraftTree has the field."""
-    import dataclasses
-    if any(f.name == "node_scores" for f in dataclasses.fields(DraftTree)):
-        return {"node_scores": torch.tensor(scores, dtype=torch.float32)}
-    return {}
+                         torch.tensor([values[i] for i in keep], dtype=torch.float32))
 
 
 def _read_kind(weights) -> str:

@@ -10,6 +10,8 @@
 - ``hf-assisted``: ``model.generate(assistant_model=draft_model)``.
 - any drafter of `drafters.available` with an optional verifier of `verifiers.available`:
   ``pld``, ``trie:node_budget=8,max_depth=4+exact``, ``small-lm:depth=3,mode=iid+spectr``.
+  The drafter key ``tree_budget=auto`` is handed to the loop (cost-aware tree size,
+  specdec/cost.py) instead of the drafter: ``eagle2:tree_budget=auto``.
   Without a verifier: ``greedy`` at temperature 0, ``exact`` otherwise.
 
 Values are Python literals where they parse (``branching=[2,2,1]``; commas inside brackets do not
@@ -204,6 +206,10 @@ class Method:
             import verifiers
 
             drafter_kwargs = dict(spec.kwargs)
+            # a loop option, not the drafter's: eagle2:tree_budget=auto
+            # built once, so its acceptance estimates carry over from prompt to prompt
+            from specdec.cost import make_budget
+            self.tree_budget = make_budget(drafter_kwargs.pop("tree_budget", None), model)
             if spec.name == "small-lm":
                 drafter_kwargs.setdefault("model", draft_model)
             self.drafter = drafters.get(spec.name, **drafter_kwargs)
@@ -257,7 +263,7 @@ class Method:
             self.model, input_ids, drafter=self.drafter, verifier=self.verifier,
             max_new_tokens=max_new_tokens, temperature=sampling.temperature,
             top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=self.eos_token_id,
-            generator=generator,
+            generator=generator, tree_budget=self.tree_budget,
         )
         wall = _clock(self.device) - start
         stats = out.stats

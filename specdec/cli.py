@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verifier", default="greedy")
     parser.add_argument("--verifier-arg", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--tree-budget", choices=["auto"], default=None,
+                        help="prune each draft tree to the size that maximises expected tokens/s "
+                             "under the target's measured latency (measured once, cached)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -101,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         model, input_ids.to(device), drafter=drafter, verifier=verifier,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator,
+        tree_budget=args.tree_budget,
     )
     print(tokenizer.decode(out.new_token_ids, skip_special_tokens=True))
     print()

@@ -16,6 +16,7 @@ import torch
 
 import drafters as drafter_registry
 import verifiers as verifier_registry
+from specdec.cost import make_budget
 from specdec.sampling import SamplingConfig
 from specdec.state import DecodingState, GenerationStats, StepResult
 from specdec.target import TreeForward, context_length
@@ -93,14 +94,17 @@ def _check_prompt(model, input_ids, max_new_tokens: int) -> list[int]:
 def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens: int,
                          temperature: float = 0.0, top_k: int | None = None,
                          top_p: float | None = None, eos_token_id=None,
-                         generator: torch.Generator | None = None, streamer=None
-                         ) -> GenerationOutput:
+                         generator: torch.Generator | None = None, streamer=None,
+                         tree_budget=None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [1, L] with speculative decoding.
 
     ``drafter`` and ``verifier`` are names (``drafters.available()``, ``verifiers.available()``)
     or objects. With a lossless verifier the output is distributed exactly as the target's own
     sampling with the same temperature / top-k / top-p (token-for-token equal at temperature 0).
     Generation stops right after an ``eos_token_id`` token or at ``max_new_tokens``.
+    ``tree_budget``: ``"auto"`` (or a `specdec.cost.TreeBudget`) prunes every drafted tree to the
+    size that maximises expected tokens per second under the target's measured latency; the
+    choice is reported in ``stats.extra["tree_budget"]``.
     """
     prompt = _check_prompt(model, input_ids, max_new_tokens)
     drafter = drafter_registry.get(drafter)
@@ -122,6 +126,9 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
         )
     eos = _eos_set(eos_token_id)
     vocab_size = target_vocab_size(model)
+    budget = make_budget(tree_budget, model)
+    drafted_sizes: list[int] = []
+    expected_tokens: list[float] = []
     want_hidden = bool(getattr(drafter, "needs_hidden_states", False)
                        or getattr(verifier, "needs_hidden_states", False))
 
@@ -151,6 +158,10 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
         if context is not None:
             depth_limit = min(depth_limit, context - target.length - 1)
         tree = tree.truncate_depth(max(depth_limit, 0))
+        if budget is not None:
+            drafted_sizes.append(len(tree))
+            tree = budget.choose(tree, _clock(device) - t0)
+            expected_tokens.append(budget.last_expected_tokens)
         t1 = _clock(device)
         out = target.verify(state.tokens[-1], tree)
         t2 = _clock(device)
@@ -184,12 +195,21 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
         state.step += 1
         result = StepResult(tree, accepted, emitted, draft_time=t1 - t0, target_time=t2 - t1)
         stats.record(result)
+        if budget is not None:
+            budget.observe(result)
         if hasattr(drafter, "observe"):
             drafter.observe(result)
         if streamer is not None:
             streamer.put(torch.tensor(emitted))
     if streamer is not None:
         streamer.end()
+    if budget is not None:
+        stats.extra["tree_budget"] = {
+            "mean_nodes": sum(stats.tree_sizes) / max(stats.steps, 1),
+            "mean_drafted_nodes": sum(drafted_sizes) / max(len(drafted_sizes), 1),
+            "expected_tau": sum(expected_tokens) / max(len(expected_tokens), 1),
+            "profile_ms": budget.profile_ms(),
+        }
     stats.new_tokens = state.new_tokens
     stats.total_time = _clock(device) - start
     return GenerationOutput(torch.tensor([state.tokens], dtype=torch.long), stats)

@@ -126,7 +126,10 @@ class GenerationStats:
 
     def summary(self) -> str:
         acc = " ".join(f"{a:.2f}" for a in self.acceptance_per_depth[:8])
-        return (f"new tokens {self.new_tokens} in {self.steps} steps | tau {self.tau:.2f} | "
+        budget = self.extra.get("tree_budget")
+        chosen = (f"tree budget: {budget['mean_nodes']:.1f} of {budget['mean_drafted_nodes']:.1f} "
+                  f"drafted nodes | " if budget else "")
+        return (f"new tokens {self.new_tokens} in {self.steps} steps | tau {self.tau:.2f} | {chosen}"
                 f"acceptance per depth [{acc}] | {self.tokens_per_s:.1f} tokens/s "
                 f"(draft {self.draft_time:.2f}s, target {self.target_time:.2f}s, "
                 f"overhead {self.overhead_time:.2f}s, prefill {self.prefill_time:.2f}s)")

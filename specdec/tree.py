@@ -12,6 +12,9 @@ Glossary (used throughout specdec):
 - **draft_probs**: for a node with children, the distribution ``q`` its children were drawn from
   (already warped with the same temperature / top-k / top-p as the target); ``None`` where the
   drafter has no distribution (n-gram lookups).
+- **node_scores** (optional): the drafter's estimate of the probability that each node ends up
+  on the accepted path (EAGLE-2's product of draft probabilities along the path); never larger
+  than the parent's. The cost-aware budget (specdec/cost.py) calibrates and uses them.
 - **sampling**: how a node's children were drawn from ``q``: ``"iid"`` (independent draws),
   ``"without_replacement"`` (Gumbel-top-k / stochastic beam search; children listed in the order
   drawn) or ``"deterministic"`` (top-k or looked-up children). The lossless acceptance rule
@@ -40,6 +43,7 @@ class DraftTree:
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)  # node (or -1) -> [V]
     sampling: dict[int, str] = field(default_factory=dict)  # node (or -1) -> kind
     default_sampling: str = "deterministic"
+    node_scores: torch.Tensor | None = None  # [N] float, see the glossary
 
     def __post_init__(self):
         self.token_ids = torch.as_tensor(self.token_ids, dtype=torch.long).reshape(-1).cpu()
@@ -64,6 +68,18 @@ class DraftTree:
         for parent in self._parents:
             depths.append(1 if parent == ROOT else depths[parent] + 1)
         self._depths = depths
+        if self.node_scores is not None:
+            self.node_scores = torch.as_tensor(self.node_scores, dtype=torch.float32).reshape(-1).cpu()
+            if self.node_scores.numel() != len(self._tokens):
+                raise TreeError(f"node_scores has {self.node_scores.numel()} entries for "
+                                f"{len(self._tokens)} nodes: give one score per node")
+            scores = self.node_scores.tolist()
+            for node, parent in enumerate(self._parents):
+                if not 0.0 <= scores[node] <= (1.0 if parent == ROOT else scores[parent]) + 1e-6:
+                    raise TreeError(
+                        f"node {node} has score {scores[node]:.4g}, outside [0, its parent's "
+                        f"score]: scores are probabilities of being on the accepted path, so they "
+                        f"cannot grow from parent to child")
         for node, kind in list(self.sampling.items()) + [(ROOT, self.default_sampling)]:
             if kind not in SAMPLING_KINDS:
                 raise TreeError(f"sampling kind {kind!r} of node {node} is not one of {SAMPLING_KINDS}")
@@ -153,13 +169,27 @@ class DraftTree:
         """The subtree of nodes at depth <= max_depth (parents keep coming first)."""
         if max_depth >= self.max_depth:
             return self
-        keep = [i for i, d in enumerate(self._depths) if d <= max_depth]
+        return self.prune([i for i, d in enumerate(self._depths) if d <= max_depth])
+
+    def prune(self, keep) -> "DraftTree":
+        """The subtree of the nodes ``keep`` (any order); every kept node's parent must be kept."""
+        keep = sorted(set(int(i) for i in keep))
+        kept = set(keep)
+        for node in keep:
+            if not 0 <= node < len(self):
+                raise TreeError(f"cannot keep node {node}: the tree has {len(self)} nodes")
+            if self._parents[node] != ROOT and self._parents[node] not in kept:
+                raise TreeError(f"cannot keep node {node} without its parent {self._parents[node]}: "
+                                f"a pruned tree must contain every kept node's ancestors")
+        if len(keep) == len(self):
+            return self
         new_index = {ROOT: ROOT, **{old: new for new, old in enumerate(keep)}}
         parents = [new_index[self._parents[i]] for i in keep]
         probs = {new_index[k]: v for k, v in self.draft_probs.items() if k in new_index}
         sampling = {new_index[k]: v for k, v in self.sampling.items() if k in new_index}
+        scores = None if self.node_scores is None else self.node_scores[keep]
         return DraftTree(self.token_ids[keep], torch.tensor(parents, dtype=torch.long), probs,
-                         sampling, self.default_sampling)
+                         sampling, self.default_sampling, scores)
 
     # ------------------------------------------------------------------ checks
     def validate(self, vocab_size: int, max_nodes: int | None = None) -> "DraftTree":

@@ -86,10 +86,9 @@ def test_dynamic_tree_keeps_budget_parents_and_values(target):
     drafter.begin(state)
     tree = drafter.propose(state)
     assert len(tree) == 10 and tree.max_depth <= 5
-    scores = getattr(tree, "node_scores", None)
-    if scores is not None:  # the product of draft probabilities never grows down a path
-        for node, parent in enumerate(tree.parent_list):
-            assert 0 < scores[node] <= (1.0 if parent < 0 else scores[parent]) + 1e-7
+    scores = tree.node_scores  # the product of draft probabilities never grows down a path
+    for node, parent in enumerate(tree.parent_list):
+        assert 0 < scores[node] <= (1.0 if parent < 0 else scores[parent]) + 1e-7
     # a bigger budget drafts a superset of the same nodes (same values, same ranking)
     bigger = drafters.get("eagle2", weights=module, depth=5, top_k=4, beam=3, max_nodes=16)
     bigger.begin(state)
