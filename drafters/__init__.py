@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "eagle": "drafters.eagle:EagleDrafter",
     "eagle2": "drafters.eagle:Eagle2Drafter",
     "eagle3": "drafters.eagle:Eagle3Drafter",
+    "falcon": "drafters.falcon:FalconDrafter",
 }
 
 

@@ -48,6 +48,7 @@ KINDS: dict[str, tuple[str, dict]] = {
     "distilled": ("drafters.distilled:DistilledLM", {"loss": "kl"}),
     "eagle": ("drafters.eagle:EagleModule", {"loss": "kl"}),
     "eagle3": ("drafters.eagle:Eagle3Module", {"loss": "kl"}),
+    "falcon": ("drafters.falcon:FalconModule", {"loss": "kl"}),
 }
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

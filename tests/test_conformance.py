@@ -55,6 +55,7 @@ DRAFTERS = {
     "eagle": trained("eagle"),
     "eagle2": trained("eagle", "eagle2", depth=3, top_k=3, beam=2, max_nodes=6),
     "eagle3": trained("eagle3", "eagle3", depth=3, top_k=3, beam=2, max_nodes=6),
+    "falcon": trained("falcon", "falcon", widths=[2, 2], passes=2, beam=2, max_nodes=8),
 }
 
 VERIFIERS = {

@@ -1,4 +1,4 @@
-"""Trained drafters (Medusa, Hydra, Hydra++, distilled small LM, EAGLE, EAGLE-3) and their
+"""Trained drafters (Medusa, Hydra, Hydra++, distilled small LM, EAGLE, EAGLE-3, Falcon) and their
 training pipeline.
 
 Everything runs on a tiny random Llama target built here (hidden 32, vocabulary 96): feature
@@ -21,7 +21,7 @@ from drafters.train import (FeatureSet, build_trainable, continue_training, extr
 from specdec.loop import speculative_generate
 
 VOCAB = 96
-KINDS = ["medusa", "hydra", "hydra++", "distilled", "eagle", "eagle3"]
+KINDS = ["medusa", "hydra", "hydra++", "distilled", "eagle", "eagle3", "falcon"]
 SMALL_TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 
 
@@ -85,6 +85,8 @@ def drafter_for(kind: str, weights, tree=SMALL_TREE):
         return drafters.get("distilled", weights=weights, depth=3, branching=[2, 1, 1])
     if kind == "eagle3":  # EAGLE-2 dynamic tree
         return drafters.get("eagle3", weights=weights, depth=4, top_k=3, beam=3, max_nodes=8)
+    if kind == "falcon":
+        return drafters.get("falcon", weights=weights, widths=[2, 2], passes=2, beam=2, max_nodes=10)
     return drafters.get(kind, weights=weights, tree=tree)
 
 
