@@ -147,6 +147,8 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
         state.hidden_states = prefill.hidden_states
     if hasattr(drafter, "begin"):
         drafter.begin(state)
+    if hasattr(verifier, "begin"):  # e.g. a judge head checks it was trained for this target
+        verifier.begin(state)
     stats.prefill_time = _clock(device) - start
 
     finished = False

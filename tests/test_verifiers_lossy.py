@@ -206,8 +206,29 @@ def test_judge_head_round_trips_through_safetensors(tmp_path):
         assert torch.equal(head(hidden), loaded(hidden))
     rule = verifiers.get("judge", head=str(tmp_path / "head0"), threshold=0.9)
     assert isinstance(rule, JudgeRule) and rule.threshold == 0.9
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="shipped name"):
         JudgeHead.from_pretrained(tmp_path / "missing")
+
+
+def test_judge_head_for_another_target_is_refused(tmp_path):
+    from conftest import tiny_model
+    from drafters.trained import target_fingerprint
+    from specdec.loop import speculative_generate
+
+    trained_on, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    head = JudgeHead(trained_on.config.hidden_size)
+    head.target = target_fingerprint(trained_on)
+    head.save_pretrained(tmp_path / "head")
+    prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    for model, fails in ((trained_on, False), (other, True)):
+        run = lambda: speculative_generate(  # noqa: E731
+            model, prompt, drafter="pld", verifier=verifiers.get("judge", head=tmp_path / "head"),
+            max_new_tokens=4, temperature=0.0)
+        if fails:
+            with pytest.raises(ValueError, match="different target"):
+                run()
+        else:
+            assert run().stats.new_tokens == 4
 
 
 def test_train_head_separates_a_linear_concept():

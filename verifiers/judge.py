@@ -41,6 +41,21 @@ from verifiers.rejection import ExactRule
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_HEAD = "judge-smollm2"  # trained for the embedded model by verifiers/judge_train.py
+
+
+def resolve_head(name_or_path: str | Path) -> Path:
+    """A folder holding a saved head: a path, or the name of a shipped one in verifiers/weights/."""
+    path = Path(name_or_path)
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (WEIGHTS_DIR / str(name_or_path) / CONFIG_NAME).is_file():
+        return WEIGHTS_DIR / str(name_or_path)
+    shipped = sorted(p.name for p in WEIGHTS_DIR.glob("*") if (p / CONFIG_NAME).is_file())
+    raise FileNotFoundError(
+        f"no judge head at {name_or_path!r}: give a folder with {CONFIG_NAME} and {WEIGHTS_NAME} "
+        f"(python -m verifiers.judge_train --out DIR), or a shipped name: {', '.join(shipped) or 'none'}")
 
 
 class JudgeHead(nn.Module):
@@ -62,23 +77,25 @@ class JudgeHead(nn.Module):
         weight = next(self.parameters())
         return self.net(hidden_states.to(weight.device, weight.dtype)).squeeze(-1)
 
+    target: dict | None = None  # fingerprint of the target it was trained on (drafters/trained.py)
+
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"architecture": "JudgeHead", "hidden_size": self.hidden_size,
-                  "mlp_hidden": self.mlp_hidden}
+                  "mlp_hidden": self.mlp_hidden, **({"target": self.target} if self.target else {})}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
                   directory / WEIGHTS_NAME, metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "JudgeHead":
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved JudgeHead")
+        """A saved head: a folder, or a shipped name (``judge-smollm2``)."""
+        directory = resolve_head(directory)
         config = json.loads((directory / CONFIG_NAME).read_text())
         head = cls(config["hidden_size"], config.get("mlp_hidden", 0))
         head.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        head.target = config.get("target")
         return head.eval()
 
 
@@ -126,13 +143,19 @@ class JudgeRule:
     needs_hidden_states: ClassVar[bool] = True  # the loop then passes the children's hidden states
     supported: ClassVar[tuple[str, ...]] = ExactRule.supported
 
-    def __init__(self, head: JudgeHead | str | Path, threshold: float = 0.5):
+    def __init__(self, head: JudgeHead | str | Path = DEFAULT_HEAD, threshold: float = 0.5):
         if not isinstance(head, JudgeHead):
             head = JudgeHead.from_pretrained(head)
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold is a probability in [0, 1], got {threshold}")
         self.head, self.threshold = head.eval(), threshold
         self._base = ExactRule()
+
+    def begin(self, state) -> None:
+        """Called by the loop before generating: refuse a head trained for another target."""
+        if self.head.target and state.target is not None:
+            from drafters.trained import check_target
+            check_target({"target": self.head.target}, state.target, "the judge head")
 
     @torch.no_grad()
     def scores(self, context) -> torch.Tensor:

@@ -15,7 +15,8 @@ A linear `JudgeHead` is fitted on 80% of the examples (class-balanced logistic l
 accuracy on the other 20% is written with the head. Questions are taken from the end of the GSM8K
 file, so evaluate on the others.
 
-    python -m verifiers.judge_train --out verifiers/weights/judge-smollm2 --questions 30
+    python -m verifiers.judge_train --out verifiers/weights/judge-smollm2 --questions 40 \
+        --examples runs/judge_examples.pt
 
 References: see `verifiers.judge`.
 """
@@ -150,6 +151,8 @@ def main() -> None:
         "weight_decay": args.weight_decay,
         "data": "GSM8K test, last questions of the file",
     }
+    from drafters.trained import target_fingerprint
+    head.target = target_fingerprint(specdec.load_embedded()[0])
     head.save_pretrained(args.out)
     (Path(args.out) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
