@@ -13,10 +13,10 @@ feature of position ``t + k``, which feeds the next block.
   every row the target's real feature (teacher forcing). Pass 1 feeds row ``t`` the drafter's
   own pass-0 prediction of its feature (the output of row ``t - k``), as a second block does when
   drafting, attending to the real rows before its block and to its own block; a random share of
-  rows "glance" at the truth (their real feature, coupled with their true token) in proportion
-  to how many pass-0 predictions were wrong, so training moves from teacher forcing to the
-  drafter's own inputs as it improves. Both passes distil the target's distribution (KL to its
-  top-20) plus EAGLE's feature regression.
+  rows "glance" at the truth (read their real feature) in proportion to how many pass-0
+  predictions disagree with the target's top-1 (the paper's Hamming distance), so training moves
+  from teacher forcing to the drafter's own inputs as it improves. Both passes distil the
+  target's distribution (KL to its top-20) plus EAGLE's feature regression.
 - **Custom-Designed Decoding Tree**: each drafter pass adds ``k`` depths: the top ``widths[0]``
   tokens of the block's first distribution, each followed by the same top ``widths[1]`` tokens of
   the second (the block predicts them without seeing each other), and so on. The next pass
@@ -25,9 +25,15 @@ feature of position ``t + k``, which feeds the next block.
   ``max_nodes`` most probable nodes (product of draft probabilities, attached as node_scores)
   form the tree.
 
-Simplifications: one decoder layer and EAGLE's ``fc`` fusion of feature and embedding (both from
-drafters/eagle.py); blocks are aligned at a random offset per training batch, since at drafting
-time the first block ends wherever the committed text ends.
+Simplifications (where this differs from the paper): one decoder layer and EAGLE's linear ``fc``
+fusion of feature and embedding (drafters/eagle.py), where the paper's drafter fuses them with an
+LSTM before its decoder layer (about two layers' size in all); CSGD has two passes (the second
+block of a step is trained on its own inputs, later blocks are not), every row reads its true token
+(the paper couples glanced features with their tokens; a wrong drafted token ends its path at
+verification anyway), and the glancing ratio is one rate per batch, decaying only through the error
+rate rather than by a schedule; blocks are aligned at a random offset per training batch, since at
+drafting time the first block ends wherever the committed text ends. The tree's per-depth widths
+are fixed rather than the paper's hand-tuned tree shape.
 
 References:
     Gao, Xie, Xiang, Ji. "Falcon: Faster and Parallel Inference of Large Language Models through
@@ -54,9 +60,8 @@ from specdec.tree import DraftTree
 
 def block_mask(length: int, k: int, offset: int, device=None) -> torch.Tensor:
     """[T, T] relaxed causal mask: rows before the block, and the whole block."""
-    rows = torch.arange(length, device=device)
-    block = (rows + offset) // k
-    return (block[None, :] < block[:, None]) | (block[None, :] == block[:, None])
+    block = (torch.arange(length, device=device) + offset) // k
+    return block[None, :] <= block[:, None]
 
 
 class FalconModule(EagleModule):
@@ -110,8 +115,9 @@ class FalconModule(EagleModule):
         glance_p = float(self.config["glance"] * error_rate) if self.training else 0.0
         glanced = torch.rand(batch_size, length, 1, device=device) < glance_p
         u1 = torch.where(glanced | (rows < k)[None, :, None], u0, predicted)
-        before_block = relaxed & ~(((rows + offset) // k)[None, :] == ((rows + offset) // k)[:, None])
-        allowed1 = torch.cat([before_block, relaxed & ~before_block], 1)  # [T, 2T]
+        block = (rows + offset) // k
+        before_block = block[None, :] < block[:, None]  # [T, T] the real rows pass 1 attends to
+        allowed1 = torch.cat([before_block, block[None, :] == block[:, None]], 1)  # [T, 2T]
         a1, _, _ = self.step(u1, next_tokens, rows, allowed1, k0, v0)
 
         total, metrics = 0.0, {"glance": glance_p}
