@@ -34,7 +34,7 @@ from specdec.cost import make_budget
 from specdec.loop import speculative_generate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-METHODS = ["medusa", "hydra", "hydra++", "distilled"]
+METHODS = ["medusa", "hydra", "hydra++", "distilled", "falcon"]
 
 
 def prompt_texts(name: str, limit: int, data_dir: Path) -> list[str]:
