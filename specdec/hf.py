@@ -6,7 +6,8 @@ top_p=..., streamer=...)`` runs the speculative loop with the merged ``Generatio
 honoured (model defaults, then the call's arguments, as transformers does). Options the loop
 cannot honour exactly (beam search, repetition penalties, several return sequences, padding) are
 refused with an error instead of being silently ignored. ``specdec.last_stats(model)`` returns
-the stats of the last call; ``specdec.unwrap(model)`` restores the original method.
+the stats of the last call; ``specdec.unwrap(model)`` restores the original method. Other
+keyword arguments go to `speculative_generate` (e.g. ``tree_budget="auto"``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import copy
 
 import torch
 
+from specdec.cost import make_budget
 from specdec.loop import speculative_generate
 
 # GenerationConfig fields whose non-default values change the output in ways the loop does not
@@ -43,6 +45,9 @@ def wrap(model, drafter, verifier="exact", **loop_kwargs):
     """Make ``model.generate`` speculative with ``drafter`` and ``verifier``; returns ``model``."""
     if hasattr(model, "_specdec_generate"):
         unwrap(model)
+    if loop_kwargs.get("tree_budget") is not None:
+        # one budget for every call, so its acceptance estimates carry over from call to call
+        loop_kwargs["tree_budget"] = make_budget(loop_kwargs["tree_budget"], model)
     original = model.generate
 
     def generate(inputs=None, generation_config=None, streamer=None, generator=None, **kwargs):

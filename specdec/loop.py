@@ -102,9 +102,10 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
     or objects. With a lossless verifier the output is distributed exactly as the target's own
     sampling with the same temperature / top-k / top-p (token-for-token equal at temperature 0).
     Generation stops right after an ``eos_token_id`` token or at ``max_new_tokens``.
-    ``tree_budget``: ``"auto"`` (or a `specdec.cost.TreeBudget`) prunes every drafted tree to the
-    size that maximises expected tokens per second under the target's measured latency; the
-    choice is reported in ``stats.extra["tree_budget"]``.
+    ``tree_budget``: ``"auto"`` (or a `specdec.cost.TreeBudget`, or a `LatencyProfile`) prunes
+    every drafted tree to the size that maximises expected tokens per second under the target's
+    measured latency (``"auto"`` measures it on first use per model/device and caches it); the
+    choices are reported in ``stats.extra["tree_budget"]``.
     """
     prompt = _check_prompt(model, input_ids, max_new_tokens)
     drafter = drafter_registry.get(drafter)
@@ -127,8 +128,9 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
     eos = _eos_set(eos_token_id)
     vocab_size = target_vocab_size(model)
     budget = make_budget(tree_budget, model)
-    drafted_sizes: list[int] = []
-    expected_tokens: list[float] = []
+    # a reused budget keeps its history; this generation's choices start here
+    first_choice = len(budget.history) if budget is not None else 0
+    propose_time = 0.0  # summed over the steps, for the budget's running mean
     want_hidden = bool(getattr(drafter, "needs_hidden_states", False)
                        or getattr(verifier, "needs_hidden_states", False))
 
@@ -161,9 +163,12 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
             depth_limit = min(depth_limit, context - target.length - 1)
         tree = tree.truncate_depth(max(depth_limit, 0))
         if budget is not None:
-            drafted_sizes.append(len(tree))
-            tree = budget.choose(tree, _clock(device) - t0)
-            expected_tokens.append(budget.last_expected_tokens)
+            # the mean, not this step's time: one slow propose (a GC pause, a busy core) must
+            # not make the budget think verifying is relatively cheap
+            propose_time += _clock(device) - t0
+            drafted = len(tree)
+            tree = budget.choose(tree, propose_time / (state.step + 1))
+            state.node_budget = len(tree) if len(tree) < drafted else None
         t1 = _clock(device)
         out = target.verify(state.tokens[-1], tree)
         t2 = _clock(device)
@@ -206,12 +211,7 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
     if streamer is not None:
         streamer.end()
     if budget is not None:
-        stats.extra["tree_budget"] = {
-            "mean_nodes": sum(stats.tree_sizes) / max(stats.steps, 1),
-            "mean_drafted_nodes": sum(drafted_sizes) / max(len(drafted_sizes), 1),
-            "expected_tau": sum(expected_tokens) / max(len(expected_tokens), 1),
-            "profile_ms": budget.profile_ms(),
-        }
+        stats.extra["tree_budget"] = budget.summary(since=first_choice)
     stats.new_tokens = state.new_tokens
     stats.total_time = _clock(device) - start
     return GenerationOutput(torch.tensor([state.tokens], dtype=torch.long), stats)

@@ -28,6 +28,11 @@ class DecodingState:
     # the last layer predicted the new root. Only filled for drafters with ``needs_hidden_states``.
     hidden_states: tuple[torch.Tensor, ...] | None = None
     step: int = 0
+    # a hint from the cost-aware tree budget (specdec/cost.py): the last step's drafted tree was
+    # cut to this many nodes, so drafting more was wasted; None when nothing was cut (or there is
+    # no budget). Drafters MAY read it to draft less; it is reset to None whenever the budget kept
+    # a whole tree, so a drafter that obeys it can grow its trees again.
+    node_budget: int | None = None
 
     @property
     def new_tokens(self) -> int:
@@ -128,7 +133,7 @@ class GenerationStats:
         acc = " ".join(f"{a:.2f}" for a in self.acceptance_per_depth[:8])
         budget = self.extra.get("tree_budget")
         chosen = (f"tree budget: {budget['mean_nodes']:.1f} of {budget['mean_drafted_nodes']:.1f} "
-                  f"drafted nodes | " if budget else "")
+                  f"drafted nodes, expected tau {budget['expected_tau']:.2f} | " if budget else "")
         return (f"new tokens {self.new_tokens} in {self.steps} steps | tau {self.tau:.2f} | {chosen}"
                 f"acceptance per depth [{acc}] | {self.tokens_per_s:.1f} tokens/s "
                 f"(draft {self.draft_time:.2f}s, target {self.target_time:.2f}s, "
