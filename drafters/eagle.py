@@ -317,6 +317,13 @@ class EagleDrafter(DrafterBase):
 
         add_children([-1], module.logits(root_out)[None], 1)
         max_depth = self.depth if self.dynamic else max(len(p) for p in self.tree_paths)
+        max_nodes = self.max_nodes
+        if self.dynamic and state.node_budget is not None:
+            # the cost-aware budget cut the last tree to node_budget nodes: draft one more (so
+            # the tree can grow back when it pays) and no deeper than that many nodes reach,
+            # which saves the layer calls of the levels the budget would drop
+            max_nodes = min(max_nodes, state.node_budget + 1)
+            max_depth = min(max_depth, max_nodes)
         out_of: dict[int, torch.Tensor] = {-1: root_out}
         for depth in range(1, max_depth):
             level = [i for i, d in enumerate(depths) if d == depth]
@@ -351,7 +358,7 @@ class EagleDrafter(DrafterBase):
             # rerank: the most valuable nodes of any depth; a parent's value is never below its
             # child's, and ties go to the shallower node, so parents are always kept
             order = sorted(range(len(tokens)), key=lambda i: (-values[i], depths[i], i))
-            keep = sorted(order[:self.max_nodes], key=lambda i: (depths[i], i))
+            keep = sorted(order[:max_nodes], key=lambda i: (depths[i], i))
         else:
             keep = sorted(range(len(tokens)), key=lambda i: (depths[i], i))
         new_index = {-1: -1, **{old: new for new, old in enumerate(keep)}}

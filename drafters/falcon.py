@@ -261,7 +261,13 @@ class FalconDrafter(DrafterBase):
         tree_keys: list[torch.Tensor] = []  # per pass [1, rows, h, d]
         tree_values: list[torch.Tensor] = []
         lineage: dict[int, list[int]] = {leaf: [] for leaf in leaves}  # tree rows of the path
-        for p in range(1, self.passes):
+        passes, max_nodes = self.passes, self.max_nodes
+        if state.node_budget is not None:
+            # the cost-aware budget cut the last tree to node_budget nodes: draft one more (so
+            # the tree can grow back) and skip the passes whose depths it would drop
+            max_nodes = min(max_nodes, state.node_budget + 1)
+            passes = min(passes, -(-max_nodes // k))
+        for p in range(1, passes):
             chosen = sorted(leaves, key=lambda i: -values[i])[: self.beam]
             if not chosen:
                 break
@@ -294,7 +300,7 @@ class FalconDrafter(DrafterBase):
                     lineage[child] = lineage[leaf] + [n_tree + b * k + j for j in range(k)]
                 leaves += new
         order = sorted(range(len(tokens)), key=lambda i: (-values[i], depths[i], i))
-        keep = sorted(order[: self.max_nodes], key=lambda i: (depths[i], i))
+        keep = sorted(order[:max_nodes], key=lambda i: (depths[i], i))
         index = {-1: -1, **{old: new for new, old in enumerate(keep)}}
         return DraftTree([tokens[i] for i in keep], [index[parents[i]] for i in keep],
                          {index[q]: d for q, d in draft_probs.items() if q in index}, {},

@@ -103,3 +103,48 @@ def test_bad_settings_are_refused(target):
         drafters.get("eagle2", depth=0)
     with pytest.raises(ValueError, match="aux_layers"):
         Eagle3Module.for_training(target, torch.arange(32), aux_layers=())
+
+
+@pytest.mark.parametrize("hint", [0, 3])
+def test_budget_hint_drafts_less_and_fewer_levels(target, hint):
+    """With ``state.node_budget`` set, the dynamic tree drafts at most hint + 1 nodes and runs no
+    layer call for levels deeper than that."""
+    module = module_for("eagle", target)
+    drafter = drafters.get("eagle2", weights=module, depth=6, top_k=4, beam=3, max_nodes=16)
+    calls = []
+    step = module.step
+    module.step = lambda *a, **k: calls.append(a[0].shape[1]) or step(*a, **k)
+    state = state_for(target, [5, 17, 3, 40, 22])
+    state.node_budget = hint
+    drafter.begin(state)
+    tree = drafter.propose(state)
+    del module.step
+    assert 1 <= len(tree) <= hint + 1 and tree.max_depth <= hint + 1
+    assert len(calls) == 1 + min(hint, 5)  # the context rows, then one call per extra level
+
+
+def test_greedy_lossless_under_a_budget_that_cuts(target):
+    from specdec import speculative_generate
+    from specdec.cost import LatencyProfile, TreeBudget
+
+    module = module_for("eagle", target)
+    prompt = torch.tensor([[5, 17, 3, 40, 22, 9]])
+    expected = target.generate(prompt, do_sample=False, max_new_tokens=24,
+                               eos_token_id=None, pad_token_id=0)
+    for name in ("eagle2", "falcon"):
+        drafter = (drafters.get("eagle2", weights=module, max_nodes=16) if name == "eagle2" else
+                   drafters.get("falcon", weights=_falcon(target)))
+        budget = TreeBudget(LatencyProfile([1, 2, 4, 8, 16], [0.010, 0.012, 0.016, 0.030, 0.060]))
+        out = speculative_generate(target, prompt, drafter=drafter, verifier="greedy",
+                                   max_new_tokens=24, temperature=0.0, tree_budget=budget)
+        assert out.sequences.tolist() == expected.tolist(), name
+        choices = budget.history
+        assert any(c.nodes < c.drafted for c in choices)  # the budget cut, the hint was used
+        cut_then = [b for a, b in zip(choices, choices[1:]) if a.nodes < a.drafted]
+        assert all(b.drafted <= a.nodes + 1 for a, b in zip(choices, choices[1:])
+                   if a.nodes < a.drafted), cut_then
+
+
+def _falcon(target):
+    from tests.test_falcon import falcon_module
+    return falcon_module(target)
