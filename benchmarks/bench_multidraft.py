@@ -12,7 +12,7 @@ same sampling kind:
     exact-iid      recursive rejection, i.i.d. drafts (SpecInfer)    closed form
     exact-wor      recursive rejection, drafts without replacement   enumeration of rejected prefixes
     spectr-iid     SpecTr K-SEQ, i.i.d. drafts                       1 - (1 - alpha(rho))^k
-    optimal-iid    coupling LP (head + tail LP when large)           LP optimum (+ tail stage)
+    optimal-iid    coupling LP (class selection LP when large)       LP value (with classes: >=)
     optimal-wor    coupling LP (falls back to exact-wor when large)   LP optimum
 
 Usage: python benchmarks/bench_multidraft.py [--prompts 80] [--positions 4] [--top-k 8]

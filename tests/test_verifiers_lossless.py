@@ -34,7 +34,7 @@ RULES = {
     "exact": (ExactRule(), ("iid", "without_replacement", "deterministic")),
     "spectr": (SpecTrRule(), ("iid",)),
     "optimal-lp": (OptimalRule(), ("iid", "without_replacement", "deterministic")),
-    "optimal-head": (OptimalRule(max_keys=15), ("iid",)),  # 2-4 distinct tokens + a tail
+    "optimal-classes": (OptimalRule(max_keys=15), ("iid",)),  # 3-5 classes for k = 2-4
     "optimal-fallback": (OptimalRule(max_keys=0), ("iid", "without_replacement")),
 }
 CASES = [(name, sampling, k) for name, (_, kinds) in RULES.items() for sampling in kinds
@@ -70,16 +70,40 @@ def test_optimal_rule_attains_the_bound(sampling, k):
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
-def test_optimal_rule_with_a_tail_reports_its_exact_acceptance(k):
-    """Head LP + exact verification of tail drafts: `acceptance` matches enumeration."""
-    with_tail = 0
+def test_optimal_rule_with_classes_is_exact_and_reports_a_lower_bound(k):
+    """Class selection LP (small ``max_keys``): the output is the target, `acceptance` is a
+    lower bound on the enumerated acceptance, which is at most the optimum."""
+    with_classes = 0
     for target, draft in distributions(seed=30 + k, vocab=6):
         rule = OptimalRule(max_keys=15)
-        with_tail += rule.plan(target, draft, k, "iid").head is not None
-        _, acceptance = output_marginal(rule, target, draft, k, "iid")
-        assert rule.acceptance(target, draft, k, "iid") == pytest.approx(acceptance, abs=1e-7)
-        assert acceptance <= optimal_acceptance(target, draft, k, "iid") + 1e-7
-    assert with_tail >= 2
+        plan = rule.plan(target, draft, k, "iid")
+        classes_used = bool((torch.bincount(torch.as_tensor(plan.class_of[plan.class_of >= 0]))
+                             > 1).any())  # some class holds several tokens
+        with_classes += classes_used
+        marginal, acceptance = output_marginal(rule, target, draft, k, "iid")
+        assert torch.allclose(marginal, target, atol=TOLERANCE, rtol=0), (marginal, target)
+        reported = rule.acceptance(target, draft, k, "iid")
+        assert reported <= acceptance + 1e-9
+        assert acceptance <= optimal_acceptance(target, draft, k, "iid") + 1e-9
+        if not classes_used:  # one token per class: the coupling LP, exact
+            assert reported == pytest.approx(acceptance, abs=1e-7)
+    assert with_classes >= 2
+
+
+def test_class_plan_stays_near_the_bound_on_a_large_support():
+    """120 tokens, ``max_keys`` = 500 (8-31 classes): within 2% of the optimum at k = 2..4
+    (within 0.05% on these cases; the issue's goal is 2%)."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        logits = 2.5 * torch.randn(120, generator=generator, dtype=torch.float64)
+        target = torch.softmax(logits, 0)
+        draft = torch.softmax(logits / 0.6 + 0.5 * torch.randn(120, generator=generator,
+                                                                 dtype=torch.float64), 0)
+        for k in (2, 3, 4):
+            rule = OptimalRule(max_keys=500)
+            assert len(rule.plan(target, draft, k, "iid").keys) <= 500
+            bound = optimal_acceptance(target, draft, k, "iid")
+            assert 0.98 * bound <= rule.acceptance(target, draft, k, "iid") <= bound + 1e-9
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
@@ -91,7 +115,7 @@ def test_spectr_acceptance_closed_form_and_guarantee(k):
         assert acceptance >= (1 - 1 / math.e) * bound - 1e-9
 
 
-@pytest.mark.parametrize("name", ["exact", "spectr", "optimal-lp", "optimal-head"])
+@pytest.mark.parametrize("name", ["exact", "spectr", "optimal-lp", "optimal-classes"])
 @pytest.mark.parametrize("sampling", ["iid", "without_replacement", "deterministic"])
 def test_select_samples_match_output_distribution(name, sampling):
     """The sampling path agrees with the exact reference (4-sigma binomial bounds)."""

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
 
 import verifiers
-from verifiers.multidraft import (_without_replacement_all_in_prefix, optimal_acceptance,
-                                  solve_coupling)
+from verifiers.multidraft import (_without_replacement_all_in_prefix, class_count,
+                                  optimal_acceptance, ratio_classes, solve_coupling)
 
 
 def random_pair(rng):
@@ -35,6 +36,37 @@ def test_bound_matches_the_coupling_lp_on_random_cases(sampling):
         lp = solve_coupling(target, draft, k, sampling).acceptance
         worst = max(worst, abs(bound - lp))
     assert worst < 1e-6
+
+
+def test_ratio_classes_partition_the_draft_support():
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        vocab = int(rng.integers(2, 40))
+        target = rng.dirichlet(np.full(vocab, rng.choice([0.1, 0.3, 1.0])))
+        draft = rng.dirichlet(np.full(vocab, rng.choice([0.1, 0.3, 1.0])))
+        draft[rng.random(vocab) < 0.2] = 0.0
+        if draft.sum() == 0:
+            draft[0] = 1.0
+        target[rng.random(vocab) < 0.2] = 0.0
+        if target.sum() == 0:
+            target[-1] = 1.0
+        k, count = int(rng.integers(1, 5)), int(rng.integers(1, 12))
+        classes = ratio_classes(target, draft, k, count)
+        support = np.flatnonzero(draft > 0)
+        tokens = np.concatenate(classes)
+        assert 1 <= len(classes) <= count
+        assert all(len(c) > 0 for c in classes)
+        assert np.array_equal(np.sort(tokens), support)  # disjoint and covering
+        ratio = target / np.where(draft > 0, draft, 1.0)
+        for first, second in zip(classes, classes[1:]):  # contiguous in ratio order
+            assert ratio[first].max() <= ratio[second].min()
+
+
+def test_class_count_fits_max_keys():
+    for k in (2, 3, 4):
+        count = class_count(5000, k)
+        assert math.comb(count + k - 1, k) <= 5000 < math.comb(count + k, k)
+    assert (class_count(5000, 2), class_count(5000, 3), class_count(5000, 4)) == (99, 30, 17)
 
 
 def all_in_by_enumeration(draft, subset, k):

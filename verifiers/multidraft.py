@@ -29,27 +29,47 @@ V prefixes:
   integrated numerically for all prefixes at once (their e_j are prefix recurrences over the
   sorted tokens, kept in log space so large t neither overflows nor cancels).
 
-**The rule** (`OptimalRule`). When the number of distinct draft multisets (iid) or sets (without
-replacement) is at most ``max_keys`` (default 5000), it solves the coupling LP exactly with
-scipy's HiGHS: variables accept[key, y] >= 0 for each token y in the key, sum_y accept <= Q(key),
-sum_key accept <= target(y), maximise the total. The LP only depends on the drafts through their
-multiset, which keeps it small. Mass a key does not accept is coupled with the common residual
-norm(target - accepted), so the output marginal is exactly ``target_probs`` whatever the LP
-solver's tolerance (the plan is clipped to be feasible first). Given the observed drafts the rule
-samples from the plan's conditional for their key. For larger i.i.d. supports the LP keeps the
-drafter's likeliest tokens distinct (as many as ``max_keys`` allows) and merges the rest into one
-tail symbol. The tail drafts of a key are i.i.d. from the drafter restricted to the tail, so the
-LP may route up to target(tail) of mass into a *tail channel*: recursive rejection of those
-drafts against the target restricted to the tail, which emits exactly that distribution and
-accepts with a closed-form probability (the LP's weight for that mass). Mass the plan leaves
-unrouted goes to the residual, against which the tail drafts are verified once more. Every stage
-is exact, so the rule stays lossless; the LP picks the best mix of these channels. Larger
-without-replacement supports fall back to recursive rejection (`verifiers.rejection.ExactRule`),
-whose key probabilities would not aggregate exactly.
+**The rule** (`OptimalRule`): select one draft, then verify it. Tokens of the draft support are
+grouped into *classes*; a *key* is the sorted multiset (iid) or set (without replacement) of the
+drafts' classes, and the rule only looks at the drafts through their key. Given the key it picks a
+class c with probability select[key][c] / Q(key) (or none), then a uniform draft among the key's
+drafts of class c. Those drafts are i.i.d. from q restricted to c whatever the key, so the selected
+token Y has the exact law
+
+    s(y) = S_c q(y) / q(c),   S_c = sum_key select[key][c]   (y in class c).
+
+Y is accepted with probability min(1, target(y) / s(y)); otherwise (or when nothing was selected)
+the token is drawn from the residual norm(target - min(target, s)). The accepted mass is
+min(target, s) and the rejected mass is exactly 1 - sum min(target, s), so the output is the target
+for *any* plan: the standard select-then-rejection-sample argument (SpecInfer's recursive
+rejection and SpecTr's K-SEQ are other selection rules with the same structure). The plan is
+clipped to feasibility and s is computed from the clipped plan, so losslessness does not rest on
+the LP solver's tolerance. The acceptance is sum_y min(target(y), s(y)) (`OptimalRule.acceptance`);
+a residual draw that happens to equal a draft is accepted too, so the rule's true acceptance can
+only be higher.
+
+`solve_coupling` chooses the plan with scipy's HiGHS: maximise sum_c g_c(S_c) subject to
+sum_c select[key][c] <= Q(key), where g_c(S) = sum_{x in c} min(S q(x) / q(c), target(x)) is the
+acceptance class c earns when selected with total mass S (concave and piecewise linear; the LP
+uses its interpolation on at most 34 points, a lower bound). With one token per class
+g_c(S) = min(S, target(c)) and this *is* the optimal coupling LP of SpecTr / Hu et al. 2025, so
+the acceptance equals `optimal_acceptance` (tested to 1e-6). One token per class is used whenever
+the number of keys (multisets of k support tokens iid, k-sets without replacement) is at most
+``max_keys`` (default 5000), e.g. a top-k-warped drafter. Larger i.i.d. supports use
+`ratio_classes`: ``class_count(max_keys, k)`` classes (99 for k = 2, 30 for k = 3, 17 for k = 4
+at the default) contiguous in target/q ratio order, one boundary at the bound's optimal prefix A
+(so the LP can select A's tokens only when every draft lies in A, as the optimal coupling does)
+and the rest placed greedily where proportional-to-q selection loses the most acceptance. On the
+embedded model's full 49k-token vocabulary this stays within 0.1% of the bound (docs/verifiers.md).
+Without replacement the probability of a set of classes does not aggregate, so larger supports
+fall back to recursive rejection (`verifiers.rejection.ExactRule`); so does k = 1 with a large
+support, where rejection sampling is already optimal.
 ``"deterministic"`` children are handled exactly as well: sample y from the target and accept it
 if it is a child, which attains the bound target(children).
 
 References:
+    Miao et al. "SpecInfer: Accelerating Generative Large Language Model Serving with
+        Tree-based Speculative Inference and Verification". ASPLOS 2024. arXiv:2305.09781.
     Sun, Suresh, Ro, Beirami, Jain, Yu. "SpecTr: Fast Speculative Decoding via Optimal
         Transport". NeurIPS 2023. arXiv:2310.15141.
     Hu, Zheng, Viswanathan, Chen, Rossi, Wu, Manocha, Huang. "Towards Optimal Multi-draft
@@ -70,7 +90,7 @@ import numpy as np
 import torch
 from scipy import integrate, optimize, sparse
 
-from specdec.sampling import residual, sample, uniform
+from specdec.sampling import accept, residual, sample, uniform
 from verifiers.base import check_sampling
 from verifiers.rejection import ExactRule
 
@@ -176,68 +196,28 @@ def optimal_acceptance(target_probs, draft_probs, k: int, sampling: str = "iid")
 
 
 # ---------------------------------------------------------------------------------- the LP
-TAIL = -1  # key symbol for "some token outside the head" (not accepted by the LP)
-
-
 @dataclass
 class CouplingPlan:
-    """An optimal coupling of draft keys (sorted multisets/sets) with output tokens."""
+    """Which draft to verify given the drafts, and the exact law that induces (module docstring).
+
+    Tokens are grouped into classes (one token each for small supports); a *key* is the sorted
+    multiset (iid) or set (without replacement) of the drafts' classes.
+    """
 
     keys: list[tuple[int, ...]]
     key_probs: np.ndarray  # [K] probability of drawing each key
-    accept: list[dict[int, float]]  # per key: token -> joint mass accepted
-    residual_probs: np.ndarray  # [V] where rejected mass goes
-    acceptance: float  # acceptance before the rejected-mass stage (the LP optimum)
-    head: list[int] | None = None  # distinct tokens; others are the TAIL symbol (None: all)
-    tail_probs: np.ndarray | None = None  # [V] the drafter restricted to the tail, normalised
-    rejected_by_tail_count: dict[int, float] | None = None  # tail drafts -> mass rejected
-    target_tail_probs: np.ndarray | None = None  # [V] the target restricted to the tail
+    select: list[dict[int, float]]  # per key: class -> joint mass of selecting a draft of it
+    class_of: np.ndarray  # [V] class index of each token, -1 where the drafter never drafts it
+    selection_probs: np.ndarray  # [V] s: P(the selected draft is this token)
+    target_probs: np.ndarray  # [V]
+    residual_probs: np.ndarray  # [V] norm(target - min(target, s)): where rejected mass goes
+    acceptance: float  # sum min(target, s): P(the selected draft is accepted)
 
     def key_index(self, draft_tokens) -> int:
-        if self.head is not None:
-            draft_tokens = [x if x in self._head else TAIL for x in draft_tokens]
-        return self._index[tuple(sorted(draft_tokens))]
+        return self._index[tuple(sorted(int(self.class_of[token]) for token in draft_tokens))]
 
     def __post_init__(self):
         self._index = {key: i for i, key in enumerate(self.keys)}
-        self._head = set(self.head or ())
-
-
-
-def _draft_keys(draft: np.ndarray, k: int, sampling: str, head: list[int] | None = None):
-    """(keys, probabilities): sorted multisets (iid) or sets (without replacement) of k drafts.
-
-    With ``head`` (iid only), tokens outside it are merged into the symbol `TAIL`.
-    """
-    support = np.flatnonzero(draft > 0).tolist()
-    keys, probs = [], []
-    if sampling == "iid":
-        symbols = support if head is None else sorted(head)
-        symbol_probs = {x: draft[x] for x in symbols}
-        if head is not None:
-            tail_mass = float(np.delete(draft, symbols).sum())  # summed, not 1 - head mass
-            if tail_mass > 0:
-                symbols = [TAIL] + symbols
-                symbol_probs[TAIL] = tail_mass
-        for key in itertools.combinations_with_replacement(symbols, k):
-            counts = Counter(key)
-            ways = math.factorial(k) / math.prod(math.factorial(c) for c in counts.values())
-            keys.append(key)
-            probs.append(ways * math.prod(symbol_probs[x] ** c for x, c in counts.items()))
-    else:
-        k = min(k, len(support))
-        for key in itertools.combinations(support, k):
-            total = 0.0
-            for order in itertools.permutations(key):
-                prob, drawn = 1.0, set()
-                for x in order:
-                    # the undrawn mass summed afresh: 1 - drawn would cancel catastrophically
-                    prob *= draft[x] / sum(draft[y] for y in support if y not in drawn)
-                    drawn.add(x)
-                total += prob
-            keys.append(key)
-            probs.append(total)
-    return keys, np.asarray(probs)
 
 
 def number_of_keys(symbols: int, k: int, sampling: str) -> int:
@@ -246,23 +226,127 @@ def number_of_keys(symbols: int, k: int, sampling: str) -> int:
     return math.comb(symbols, min(k, symbols))
 
 
-def head_size(max_keys: int, k: int) -> int:
-    """The most head tokens whose iid keys (with the tail symbol) number at most ``max_keys``."""
-    size = 0
-    while number_of_keys(size + 2, k, "iid") <= max_keys:
-        size += 1
-    return size
+def class_count(max_keys: int, k: int) -> int:
+    """The most classes whose iid keys number at most ``max_keys``."""
+    count = 0
+    while number_of_keys(count + 1, k, "iid") <= max_keys:
+        count += 1
+    return count
+
+
+def ratio_classes(target_probs, draft_probs, k: int, count: int) -> list[np.ndarray]:
+    """At most ``count`` classes of the draft support, contiguous in target/draft ratio order.
+
+    The optimal set A of the bound is one class boundary (A's tokens must be selected only when
+    every draft lies in A, B's whenever present). The rest are placed greedily: each split is
+    the one that most lowers sum_c sum_{x in c} max(0, target(x) - target(c) q(x) / q(c)), the
+    acceptance a class loses when its drafts are selected in proportion to q rather than to the
+    target.
+    """
+    target, draft = _as_numpy(target_probs), _as_numpy(draft_probs)
+    target, draft = target / target.sum(), draft / draft.sum()  # the cut compares q(A)^k, p(A)
+    support = np.flatnonzero(draft > 0)
+    ratio = target[support] / draft[support]
+    order = np.argsort(ratio, kind="stable")
+    tokens, ratio = support[order], ratio[order]
+    prefix_target = np.concatenate([[0.0], np.cumsum(target[tokens])])  # [m+1]
+    prefix_draft = np.concatenate([[0.0], np.cumsum(draft[tokens])])  # [m+1]
+    cut = int(np.argmax(prefix_draft ** k - prefix_target))
+
+    def loss(first, stop):  # [n] the loss of classes tokens[first:stop], vectorised
+        class_draft = prefix_draft[stop] - prefix_draft[first]
+        # a class whose draft mass vanishes in the prefix sums' rounding counts as lossless
+        scale = (prefix_target[stop] - prefix_target[first]) / np.where(class_draft > 0,
+                                                                        class_draft, np.inf)
+        over = np.clip(np.searchsorted(ratio, scale, side="right"), first, stop)  # ratio > scale
+        return (prefix_target[stop] - prefix_target[over]) - scale * (
+            prefix_draft[stop] - prefix_draft[over])
+
+    def best_split(first, stop):  # (gain, split point) of segment [first, stop)
+        if stop - first < 2:
+            return -np.inf, None
+        points = np.arange(first + 1, stop)
+        after = loss(np.full_like(points, first), points) + loss(points, np.full_like(points, stop))
+        best = int(np.argmin(after))
+        return float(loss(np.array([first]), np.array([stop]))[0] - after[best]), int(points[best])
+
+    if count < 1:
+        raise ValueError(f"count must be a positive number of classes, got {count}")
+    bounds = ((0, cut), (cut, len(tokens))) if count >= 2 else ((0, len(tokens)),)
+    segments = {(first, stop): best_split(first, stop) for first, stop in bounds if stop > first}
+    while len(segments) < count:
+        (first, stop), (gain, point) = max(segments.items(), key=lambda item: item[1][0])
+        if point is None:  # every class is a single token
+            break
+        del segments[(first, stop)]
+        for part in ((first, point), (point, stop)):
+            segments[part] = best_split(*part)
+    return [tokens[first:stop] for first, stop in sorted(segments)]
+
+
+def _draft_keys(draft: np.ndarray, k: int, sampling: str, classes: list[np.ndarray]):
+    """(keys, probabilities): sorted multisets (iid) or sets (without replacement) of classes."""
+    keys, probs = [], []
+    if sampling == "iid":
+        class_probs = [float(draft[tokens].sum()) for tokens in classes]
+        for key in itertools.combinations_with_replacement(range(len(classes)), k):
+            counts = Counter(key)
+            ways = math.factorial(k) / math.prod(math.factorial(c) for c in counts.values())
+            keys.append(key)
+            probs.append(ways * math.prod(class_probs[c] ** n for c, n in counts.items()))
+        return keys, np.asarray(probs)
+    if any(len(tokens) != 1 for tokens in classes):
+        raise ValueError("without replacement the coupling LP needs one token per class: the "
+                         "probability of a set of classes does not aggregate")
+    support = [int(tokens[0]) for tokens in classes]
+    k = min(k, len(support))
+    for key in itertools.combinations(range(len(support)), k):
+        total = 0.0
+        for order in itertools.permutations(key):
+            prob, drawn = 1.0, set()
+            for c in order:
+                # the undrawn mass summed afresh: 1 - drawn would cancel catastrophically
+                prob *= draft[support[c]] / sum(draft[y] for i, y in enumerate(support)
+                                                if i not in drawn)
+                drawn.add(c)
+            total += prob
+        keys.append(key)
+        probs.append(total)
+    return keys, np.asarray(probs)
+
+
+def _class_objective(target: np.ndarray, draft: np.ndarray, tokens: np.ndarray,
+                     points: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(grid [G], value [G]) of g(S) = sum_{x in class} min(S q(x) / q(class), target(x)).
+
+    g is concave and piecewise linear with a kink where each token saturates; its interpolation
+    on the grid (every kink for small classes, kinks at target-mass quantiles otherwise) is a
+    lower bound, which is all the LP needs: the rule's acceptance is computed exactly afterwards.
+    """
+    share = draft[tokens] / draft[tokens].sum()  # [n] q(x) / q(class)
+    saturation = target[tokens] / share  # [n] the S at which token x saturates
+    order = np.argsort(saturation)
+    saturation, share, mass = saturation[order], share[order], target[tokens][order]
+    kinks = saturation[saturation < 1.0]
+    if kinks.size > points:
+        cumulative = np.cumsum(mass[: kinks.size])
+        kinks = kinks[np.unique(np.searchsorted(
+            cumulative, np.linspace(0, cumulative[-1], points), side="left").clip(0, kinks.size - 1))]
+    grid = np.unique(np.concatenate([[0.0], kinks, [1.0]]))
+    below = np.searchsorted(saturation, grid, side="right")  # tokens saturated at each S
+    saturated_mass = np.concatenate([[0.0], np.cumsum(mass)])[below]
+    open_share = np.concatenate([[0.0], np.cumsum(share)])
+    return grid, saturated_mass + grid * (open_share[-1] - open_share[below])
 
 
 def solve_coupling(target_probs, draft_probs, k: int, sampling: str,
-                   head: list[int] | None = None) -> CouplingPlan:
-    """The optimal coupling LP of k drafts (exponential in k: use for small draft supports).
+                   classes: list[np.ndarray] | None = None) -> CouplingPlan:
+    """The best selection plan for k drafts over ``classes`` (default: one per drafted token).
 
-    With ``head`` (iid only) the keys are multisets over the head tokens plus one `TAIL` symbol.
-    A key's tail drafts are i.i.d. from the drafter restricted to the tail, so the LP may send
-    up to target(tail) of mass into a *tail channel*: recursive rejection of the key's t tail
-    drafts against the target restricted to the tail, which emits exactly that distribution and
-    accepts with a known probability a_t (the LP's weight for that mass).
+    LP: select[key, c] >= 0 for each class c in the key, sum_c select[key, c] <= Q(key);
+    S_c = sum_key select[key, c]; maximise sum_c g_c(S_c) (see `_class_objective`). With one
+    token per class g_c(S) = min(S, target(c)) and this is the optimal coupling LP, whose value
+    is `optimal_acceptance`. Exponential in k: use for small supports or few classes.
     """
     if sampling not in BOUND_SAMPLING:
         raise ValueError(f"the coupling LP supports sampling in {BOUND_SAMPLING}, got {sampling!r}")
@@ -270,76 +354,68 @@ def solve_coupling(target_probs, draft_probs, k: int, sampling: str,
     target = target / target.sum()
     draft = _as_numpy(draft_probs)
     draft = draft / draft.sum()
-    keys, key_probs = _draft_keys(draft, k, sampling, head)
-    tail_probs = target_tail_probs = None
-    tail_acceptance: dict[int, float] = {}  # t tail drafts -> a_t
-    if head is not None:
-        tail_probs = draft.copy()
-        tail_probs[head] = 0.0
-        tail_probs /= tail_probs.sum()
-        target_tail_mass = float(np.delete(target, head).sum())
-        if target_tail_mass > 0:
-            target_tail_probs = target.copy()
-            target_tail_probs[head] = 0.0
-            target_tail_probs /= target_tail_probs.sum()
-            tail_acceptance = {t: iid_rejection_acceptance(target_tail_probs, tail_probs, t)
-                               for t in range(1, k + 1)}
-    pairs, weights = [], []  # LP variables: (key, token or TAIL), value of a unit of mass
-    for key_index, key in enumerate(keys):
-        for token in sorted(set(key) - {TAIL}):
-            pairs.append((key_index, token))
-            weights.append(1.0)
-        if TAIL in key and tail_acceptance:
-            pairs.append((key_index, TAIL))
-            weights.append(tail_acceptance[key.count(TAIL)])
-    columns = sorted({token for _, token in pairs})  # head tokens (and TAIL)
-    column_capacity = np.array([target_tail_mass if token == TAIL else target[token]
-                                for token in columns])
-    column_row = {token: len(keys) + i for i, token in enumerate(columns)}
-    rows, cols = [], []
-    for var, (key_index, token) in enumerate(pairs):
-        rows += [key_index, column_row[token]]
-        cols += [var, var]
-    constraints = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)),
-                                    shape=(len(keys) + len(columns), len(pairs)))
-    solution = optimize.linprog(-np.asarray(weights), A_ub=constraints,
-                                b_ub=np.concatenate([key_probs, column_capacity]),
-                                bounds=(0, None), method="highs",
+    if classes is None:
+        classes = [np.array([x]) for x in np.flatnonzero(draft > 0)]
+    keys, key_probs = _draft_keys(draft, k, sampling, classes)
+    pairs = [(key_index, c) for key_index, key in enumerate(keys) for c in sorted(set(key))]
+    n_pairs, n_classes = len(pairs), len(classes)
+    # variables: select[pairs] | S [classes] | t [classes] (t_c <= g_c(S_c))
+    key_of = np.array([key_index for key_index, _ in pairs], dtype=np.int64)
+    class_index = np.array([c for _, c in pairs], dtype=np.int64)
+    upper = sparse.csr_matrix((np.ones(n_pairs), (key_of, np.arange(n_pairs))),
+                              shape=(len(keys), n_pairs + 2 * n_classes))
+    equal = sparse.csr_matrix(
+        (np.concatenate([-np.ones(n_pairs), np.ones(n_classes)]),
+         (np.concatenate([class_index, np.arange(n_classes)]),
+          np.concatenate([np.arange(n_pairs), n_pairs + np.arange(n_classes)]))),
+        shape=(n_classes, n_pairs + 2 * n_classes))
+    rows, cols, values, bounds = [], [], [], []
+    for c, tokens in enumerate(classes):
+        grid, value = _class_objective(target, draft, tokens)
+        slope = np.diff(value) / np.diff(grid)
+        for piece in range(slope.size):  # t_c - slope S_c <= value - slope grid
+            row = len(bounds)
+            rows += [row, row]
+            cols += [n_pairs + n_classes + c, n_pairs + c]
+            values += [1.0, -slope[piece]]
+            bounds.append(value[piece] - slope[piece] * grid[piece])
+    pieces = sparse.csr_matrix((values, (rows, cols)), shape=(len(bounds), n_pairs + 2 * n_classes))
+    objective = np.concatenate([np.zeros(n_pairs + n_classes), -np.ones(n_classes)])
+    solution = optimize.linprog(objective, A_ub=sparse.vstack([upper, pieces]),
+                                b_ub=np.concatenate([key_probs, bounds]), A_eq=equal,
+                                b_eq=np.zeros(n_classes),
+                                bounds=[(0, None)] * (n_pairs + n_classes) + [(None, None)] * n_classes,
+                                method="highs",
                                 options={"primal_feasibility_tolerance": 1e-10,
                                          "dual_feasibility_tolerance": 1e-10})
     if solution.status != 0:
         raise RuntimeError(f"coupling LP failed: {solution.message}")
-    # make the plan exactly feasible, so losslessness does not rest on the solver's tolerance
-    mass = np.clip(solution.x, 0.0, None)
-    key_of = np.array([key_index for key_index, _ in pairs], dtype=np.int64)
-    column_of = np.array([column_row[token] - len(keys) for _, token in pairs], dtype=np.int64)
+    # make the plan exactly feasible; s is then computed from the plan actually used, so
+    # losslessness does not rest on the solver's tolerance
+    mass = np.clip(solution.x[:n_pairs], 0.0, None)
     row_sum = np.bincount(key_of, weights=mass, minlength=len(keys))
     mass *= np.minimum(1.0, key_probs / np.maximum(row_sum, 1e-300))[key_of]
-    col_sum = np.bincount(column_of, weights=mass, minlength=len(columns))
-    mass *= np.minimum(1.0, column_capacity / np.maximum(col_sum, 1e-300))[column_of]
-    accepted_probs = np.zeros_like(target)  # [V] output mass the plan routes before rejection
-    accept: list[dict[int, float]] = [dict() for _ in keys]
-    for (key_index, token), value in zip(pairs, mass):
-        accept[key_index][token] = float(value)
-        if token == TAIL:
-            accepted_probs += value * target_tail_probs
-        else:
-            accepted_probs[token] += value
-    leftover = np.clip(target - accepted_probs, 0.0, None)  # [V]
+    selected = np.bincount(class_index, weights=mass, minlength=n_classes)  # [classes] S_c
+    class_of = np.full(target.size, -1, dtype=np.int64)
+    selection_probs = np.zeros_like(target)  # [V] s
+    for c, tokens in enumerate(classes):
+        class_of[tokens] = c
+        # within a class the selected draft is a uniform pick among the key's drafts of that
+        # class: i.i.d. from q restricted to the class, so s is proportional to q there
+        selection_probs[tokens] = selected[c] * draft[tokens] / draft[tokens].sum()
+    accepted_probs = np.minimum(target, selection_probs)  # [V]
+    leftover = target - accepted_probs
     residual_probs = leftover / leftover.sum() if leftover.sum() > 0 else target
-    rejected_by_tail_count = None
-    if head is not None:
-        rejected_by_tail_count = Counter()
-        routed_by_key = np.bincount(key_of, weights=mass, minlength=len(keys))
-        for key, key_prob, routed in zip(keys, key_probs, routed_by_key):
-            rejected_by_tail_count[key.count(TAIL)] += float(key_prob - routed)
-        rejected_by_tail_count = dict(rejected_by_tail_count)
-    return CouplingPlan(keys, key_probs, accept, residual_probs, float(np.dot(mass, weights)),
-                        head, tail_probs, rejected_by_tail_count, target_tail_probs)
+    select = [dict() for _ in keys]
+    for (key_index, c), value in zip(pairs, mass):
+        if value > 0:
+            select[key_index][c] = float(value)
+    return CouplingPlan(keys, key_probs, select, class_of, selection_probs, target,
+                        residual_probs, float(accepted_probs.sum()))
 
 
-def _tensor(probs: np.ndarray | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if probs is None else torch.as_tensor(probs, device=like.device)
+def _tensor(probs: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(probs, device=like.device)
 
 
 def iid_rejection_acceptance(target_probs, draft_probs, k: int) -> float:
@@ -370,81 +446,67 @@ class OptimalRule:
         self._last: tuple[tuple, CouplingPlan] | None = None
 
     def plan(self, target_probs, draft_probs, k: int, sampling: str) -> CouplingPlan | None:
-        """The coupling this rule uses for k drafts, or None where it falls back to `ExactRule`.
-
-        ``plan.acceptance`` is then the rule's exact acceptance probability.
-        """
+        """The selection plan this rule uses for k drafts, or None where it falls back to
+        `ExactRule` (large supports without replacement, and k = 1, where it is optimal)."""
         if draft_probs is None:
             raise ValueError(f"sampling={sampling!r} children need draft_probs (the q they came from)")
         support = int((draft_probs > 0).sum())
-        head = None
+        classes = None
         if number_of_keys(support, k, sampling) > self.max_keys:
-            size = head_size(self.max_keys, k)
-            if sampling != "iid" or size == 0:
+            count = class_count(self.max_keys, k)
+            if sampling != "iid" or k == 1 or count < 2:
                 return None
-            head = sorted(torch.topk(draft_probs, size).indices.tolist())
+            classes = ratio_classes(target_probs, draft_probs, k, count)
         signature = (_as_numpy(target_probs).tobytes(), _as_numpy(draft_probs).tobytes(), k,
                      sampling)
         if self._last is None or self._last[0] != signature:
-            self._last = (signature, solve_coupling(target_probs, draft_probs, k, sampling, head))
+            self._last = (signature, solve_coupling(target_probs, draft_probs, k, sampling, classes))
         return self._last[1]
+
+    @staticmethod
+    def _positions(plan: CouplingPlan, draft_tokens, c: int) -> list[int]:
+        return [i for i, token in enumerate(draft_tokens) if plan.class_of[token] == c]
+
+    @staticmethod
+    def _accept_probability(plan: CouplingPlan, token: int) -> float:
+        selection = plan.selection_probs[token]  # > 0 for any token the plan can select
+        return min(1.0, plan.target_probs[token] / selection) if selection > 0 else 0.0
 
     def select(self, target_probs, draft_tokens, draft_probs, *, sampling, generator, context=None):
         check_sampling(self, sampling, self.supported)
-        if sampling == "deterministic":
-            token = sample(target_probs, generator)
+
+        def emit(token):  # a recovered token that is also a draft is that draft, accepted
             return (draft_tokens.index(token), token) if token in draft_tokens else (-1, token)
+
+        if sampling == "deterministic":
+            return emit(sample(target_probs, generator))
         plan = self.plan(target_probs, draft_probs, len(draft_tokens), sampling)
         if plan is None:
             return self._fallback.select(target_probs, draft_tokens, draft_probs,
                                          sampling=sampling, generator=generator)
         key_index = plan.key_index(draft_tokens)
-        tail = self._tail_positions(plan, draft_tokens)
-        tail_probs = _tensor(plan.tail_probs, target_probs)  # [V] or None
-
-        def emit(token):  # a recovered token that is also a draft is that draft, accepted
-            return (draft_tokens.index(token), token) if token in draft_tokens else (-1, token)
-
-        def verify_tail(stage_target):  # the tail drafts against ``stage_target`` [V], exactly
-            index, token = self._fallback.select(stage_target, [draft_tokens[i] for i in tail],
-                                                 tail_probs, sampling="iid", generator=generator)
-            return (tail[index], token) if index >= 0 else emit(token)
-
-        threshold = uniform(generator, target_probs.device) * plan.key_probs[key_index]
-        for token, mass in plan.accept[key_index].items():
+        device = target_probs.device
+        threshold = uniform(generator, device) * plan.key_probs[key_index]
+        for c, mass in plan.select[key_index].items():
             threshold -= mass
             if threshold < 0:
-                if token == TAIL:
-                    return verify_tail(_tensor(plan.target_tail_probs, target_probs))
-                return draft_tokens.index(token), token
-        residual_probs = _tensor(plan.residual_probs, target_probs)  # [V]
-        if tail:
-            return verify_tail(residual_probs)
-        return emit(sample(residual_probs, generator))
-
-    @staticmethod
-    def _tail_positions(plan: CouplingPlan, draft_tokens) -> list[int]:
-        if plan.head is None:
-            return []
-        head = set(plan.head)
-        return [i for i, token in enumerate(draft_tokens) if token not in head]
+                positions = self._positions(plan, draft_tokens, c)
+                index = positions[min(int(uniform(generator, device) * len(positions)),
+                                      len(positions) - 1)]
+                token = draft_tokens[index]
+                if accept(self._accept_probability(plan, token), generator, device):
+                    return index, token
+                break
+        return emit(sample(_tensor(plan.residual_probs, target_probs), generator))
 
     def acceptance(self, target_probs, draft_probs, k: int, sampling: str) -> float | None:
-        """This rule's exact acceptance probability, or None where it falls back to `ExactRule`.
+        """P(the selected draft is accepted), or None where the rule falls back to `ExactRule`.
 
-        The LP optimum plus, with a tail, what recursive rejection of the tail drafts recovers
-        from the rejected mass (up to residual tokens that coincide with a draft, which an
-        optimal plan leaves none of).
+        The rule's exact acceptance on small supports (the LP optimum, `optimal_acceptance`);
+        with classes a lower bound: a residual draw that equals an unselected draft also counts.
         """
         plan = self.plan(target_probs, draft_probs, k, sampling)
-        if plan is None:
-            return None
-        total = plan.acceptance
-        for tail_count, rejected in (plan.rejected_by_tail_count or {}).items():
-            if tail_count:
-                total += rejected * iid_rejection_acceptance(plan.residual_probs, plan.tail_probs,
-                                                             tail_count)
-        return total
+        return None if plan is None else plan.acceptance
 
     def output_distribution(self, target_probs, draft_tokens, draft_probs, *, sampling):
         """(accept_probs [k], recovered_probs [V]) of `select` given these drafts, exactly."""
@@ -453,38 +515,20 @@ class OptimalRule:
         accept_probs = torch.zeros(len(draft_tokens), dtype=torch.float64)
         if sampling == "deterministic":
             recovered_probs = target.clone()
-            for index, token in enumerate(draft_tokens):
-                if draft_tokens.index(token) == index:
-                    accept_probs[index] = target[token]
-                    recovered_probs[token] = 0.0
-            return accept_probs, recovered_probs
-        plan = self.plan(target_probs, draft_probs, len(draft_tokens), sampling)
-        if plan is None:
-            return self._fallback.output_distribution(target_probs, draft_tokens, draft_probs,
-                                                      sampling=sampling)
-        key_index = plan.key_index(draft_tokens)
-        key_prob = plan.key_probs[key_index]
-        tail = self._tail_positions(plan, draft_tokens)
-        recovered_probs = torch.zeros(target.numel(), dtype=torch.float64)
-
-        def stage(weight, stage_target):  # recovered mass of verifying the tail drafts, or a draw
-            if not tail:
-                return weight * stage_target
-            tail_accept, tail_recovered = self._fallback.output_distribution(
-                stage_target, [draft_tokens[i] for i in tail],
-                torch.as_tensor(plan.tail_probs, dtype=torch.float64), sampling="iid")
-            for position, prob in zip(tail, tail_accept.tolist()):
-                accept_probs[position] += weight * prob
-            return weight * tail_recovered
-
-        for token, mass in plan.accept[key_index].items():
-            if token == TAIL:
-                recovered_probs += stage(mass / key_prob, torch.as_tensor(plan.target_tail_probs))
-            else:
-                accept_probs[draft_tokens.index(token)] += mass / key_prob
-        rejected = 1.0 - sum(plan.accept[key_index].values()) / key_prob
-        recovered_probs += stage(rejected, torch.as_tensor(plan.residual_probs, dtype=torch.float64))
-        # a residual token that is also a draft is accepted (same token, the walk goes on)
+        else:
+            plan = self.plan(target_probs, draft_probs, len(draft_tokens), sampling)
+            if plan is None:
+                return self._fallback.output_distribution(target_probs, draft_tokens, draft_probs,
+                                                          sampling=sampling)
+            key_index = plan.key_index(draft_tokens)
+            for c, mass in plan.select[key_index].items():
+                positions = self._positions(plan, draft_tokens, c)
+                for index in positions:
+                    accept_probs[index] += (mass / plan.key_probs[key_index] / len(positions)
+                                            * self._accept_probability(plan, draft_tokens[index]))
+            recovered_probs = (1.0 - accept_probs.sum()) * torch.as_tensor(plan.residual_probs,
+                                                                           dtype=torch.float64)
+        # a recovered token that is also a draft is accepted (same token, the walk goes on)
         for index, token in enumerate(draft_tokens):
             if draft_tokens.index(token) == index:
                 accept_probs[index] += recovered_probs[token]
