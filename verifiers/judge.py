@@ -143,7 +143,7 @@ class JudgeRule:
     needs_hidden_states: ClassVar[bool] = True  # the loop then passes the children's hidden states
     supported: ClassVar[tuple[str, ...]] = ExactRule.supported
 
-    def __init__(self, head: JudgeHead | str | Path = DEFAULT_HEAD, threshold: float = 0.5):
+    def __init__(self, head: JudgeHead | str | Path = DEFAULT_HEAD, threshold: float = 0.8):
         if not isinstance(head, JudgeHead):
             head = JudgeHead.from_pretrained(head)
         if not 0 <= threshold <= 1:
