@@ -129,6 +129,8 @@ def greedy_batch(model, inputs: list[torch.Tensor], budgets: list[int], eos: int
         positions = positions[:, -1:] + 1
     result = {"tokens": [], "finished": [], "hidden": list(hidden), "cache": [],
               "top_probs": [], "top_ids": []}
+    if ranks:
+        top_probs, top_ids = torch.stack(top_probs, 1), torch.stack(top_ids, 1)  # [B, T, ranks]
     for i in range(rows):
         tokens = new_tokens[i, : int(length[i])]
         result["tokens"].append(tokens)
@@ -140,8 +142,8 @@ def greedy_batch(model, inputs: list[torch.Tensor], budgets: list[int], eos: int
         result["cache"].append([(layer.keys[i][:, real], layer.values[i][:, real])
                                 for layer in cache.layers])
         if ranks:
-            result["top_probs"].append(torch.stack(top_probs, 1)[i, : int(length[i])])
-            result["top_ids"].append(torch.stack(top_ids, 1)[i, : int(length[i])])
+            result["top_probs"].append(top_probs[i, : int(length[i])])
+            result["top_ids"].append(top_ids[i, : int(length[i])])
     return result
 
 
