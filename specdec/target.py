@@ -14,6 +14,7 @@ feeds the root plus the tree, so row 0 of the logits is the distribution after t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -46,9 +47,14 @@ class TreeForward:
     keeps chosen positions and drops the rest.
     """
 
-    def __init__(self, model, output_hidden_states: bool = False):
+    def __init__(self, model, output_hidden_states: bool = False,
+                 transposed_gemm: bool | str | None = "auto"):
+        from specdec.gemm import for_model
+
         self.model = model
         self.output_hidden_states = output_hidden_states
+        # multi-token forwards through transposed weight copies (specdec/gemm.py), CPU float32
+        self.linears = for_model(model, transposed_gemm)
         self.cache = DynamicCache(config=model.config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -74,8 +80,10 @@ class TreeForward:
         start = self.cached_positions[-1] + 1 if past else 0
         allowed = torch.ones(n, past + n, dtype=torch.bool)
         allowed[:, past:] = torch.ones(n, n, dtype=torch.bool).tril_()
-        # prefill logits are never read: the step after it re-feeds the root
-        out = self._run(input_ids.reshape(-1), list(range(start, start + n)), allowed, logits_to_keep=1)
+        # prefill logits are never read: the step after it re-feeds the root. The stock layout,
+        # so the prompt's cache is computed exactly as model.generate computes it
+        out = self._run(input_ids.reshape(-1), list(range(start, start + n)), allowed,
+                        logits_to_keep=1, stock_layout=True)
         self.base = self.length
         return out
 
@@ -109,7 +117,7 @@ class TreeForward:
 
     @torch.no_grad()
     def _run(self, token_ids: torch.Tensor, positions: list[int], allowed: torch.Tensor,
-             logits_to_keep: int = 0) -> TreeOutput:
+             logits_to_keep: int = 0, stock_layout: bool = False) -> TreeOutput:
         """One model forward; ``allowed`` [n, past + n] says which cached/new tokens each sees."""
         n, total = allowed.shape
         if self.max_positions is not None and positions and max(positions) >= self.max_positions:
@@ -120,15 +128,18 @@ class TreeForward:
         mask = torch.zeros(1, 1, n, total, dtype=self.dtype)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=token_ids.to(self.device).view(1, n),
-            attention_mask=mask.to(self.device),
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-            output_hidden_states=self.output_hidden_states,
-            logits_to_keep=logits_to_keep,
-        )
+        layout = (contextlib.nullcontext() if self.linears is None or stock_layout
+                  else self.linears.active(n))
+        with layout:
+            out = self.model(
+                input_ids=token_ids.to(self.device).view(1, n),
+                attention_mask=mask.to(self.device),
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                output_hidden_states=self.output_hidden_states,
+                logits_to_keep=logits_to_keep,
+            )
         self.cached_positions.extend(positions)
         hidden = tuple(h[0] for h in out.hidden_states) if self.output_hidden_states else None
         return TreeOutput(out.logits[0], hidden)
