@@ -188,12 +188,18 @@ class HydraDrafter(DrafterBase):
             return DraftTree.empty()
         context = self._root_context(state)
         draft_to_target = self.heads.draft_to_target
+        depth = self.depth
+        if state.node_budget is not None:
+            # the cost-aware budget cut the last tree to node_budget nodes: draft no deeper than
+            # node_budget + 1 nodes reach (saving the deeper heads' calls), keep that many
+            depth = min(depth, state.node_budget + 1)
         tokens: list[int] = []
         parents: list[int] = []
+        scores: list[float] = []  # product of head probabilities along the path
         draft_probs: dict[int, torch.Tensor] = {}
         path_of = {(): [state.tokens[-1]]}  # rank path -> tokens from the root down, target ids
         node_of = {(): -1}
-        for d in range(1, self.depth + 1):
+        for d in range(1, depth + 1):
             level = [p for p in self.tree_paths if len(p) == d]
             if not level:
                 break
@@ -202,7 +208,8 @@ class HydraDrafter(DrafterBase):
             draft_logits = self.heads.head_logits(
                 d, context.expand(len(above), -1), path_tokens)  # [P, Vd]
             width = 1 + max(p[-1] for p in level)
-            ranked = torch.topk(draft_logits, width, -1).indices  # [P, width]
+            top = torch.topk(draft_logits.float().softmax(-1), width, -1)  # [P, width]
+            ranked, top_probs = top.indices, top.values.tolist()
             row_of = {p: i for i, p in enumerate(above)}
             if self.with_draft_probs:
                 for p, row in row_of.items():
@@ -210,11 +217,20 @@ class HydraDrafter(DrafterBase):
                         draft_logits[row], draft_to_target, state.vocab_size, state)
             for p in level:
                 token = int(draft_to_target[ranked[row_of[p[:-1]], p[-1]]])
+                parent = node_of[p[:-1]]
                 node_of[p] = len(tokens)
                 path_of[p] = path_of[p[:-1]] + [token]
                 tokens.append(token)
-                parents.append(node_of[p[:-1]])
-        return DraftTree(tokens, parents, draft_probs, {}, "deterministic")
+                parents.append(parent)
+                scores.append(top_probs[row_of[p[:-1]]][p[-1]]
+                              * (scores[parent] if parent >= 0 else 1.0))
+        tree = DraftTree(tokens, parents, draft_probs, {}, "deterministic", scores)
+        if state.node_budget is not None and len(tree) > state.node_budget + 1:
+            # the likeliest nodes; a parent scores >= its children and comes first, so every
+            # kept node's ancestors are kept
+            order = sorted(range(len(tree)), key=lambda i: (-scores[i], i))
+            tree = tree.prune(order[: state.node_budget + 1])
+        return tree
 
 
 class HydraPlusPlusDrafter(HydraDrafter):

@@ -61,9 +61,11 @@ class MedusaHeads(TrainedModule):
                                  loss=loss)
         return cls(config, draft_to_target, target)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> draft logits [..., K, Vd] (head k at index k - 1)."""
-        return torch.stack([blocks(hidden) for blocks in self.blocks], -2) @ self.head_weight.T
+    def forward(self, hidden: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+        """hidden [..., H] -> draft logits [..., K, Vd] (head k at index k - 1); ``heads``: only
+        the first that many heads."""
+        blocks = self.blocks if heads is None else self.blocks[:heads]
+        return torch.stack([b(hidden) for b in blocks], -2) @ self.head_weight.T
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         hidden = batch["hidden"]  # [B, T, H]
@@ -121,23 +123,40 @@ class MedusaDrafter(DrafterBase):
             self.begin(state)
         if state.hidden_states is None:  # no target forward yet: a plain step
             return DraftTree.empty()
+        paths = self.tree_paths
+        if state.node_budget is not None:
+            # the cost-aware budget cut the last tree to node_budget nodes: run only the heads
+            # that node_budget + 1 nodes can reach, and draft that many (so the tree can grow back)
+            paths = [p for p in paths if len(p) <= state.node_budget + 1]
+        depth = max(len(p) for p in paths)
         root_hidden = state.hidden_states[-1][-1]  # [H] predicted the root
-        draft_logits = self.heads(root_hidden.float())  # [K, Vd]
-        depth = max(len(p) for p in self.tree_paths)
-        widest = [1 + max((p[-1] for p in self.tree_paths if len(p) == d), default=0)
+        draft_logits = self.heads(root_hidden.float(), heads=depth)  # [depth, Vd]
+        widest = [1 + max((p[-1] for p in paths if len(p) == d), default=0)
                   for d in range(1, depth + 1)]
-        ranked = [torch.topk(draft_logits[d], widest[d]).indices for d in range(depth)]
+        top = [torch.topk(draft_logits[d].float().softmax(-1), widest[d]) for d in range(depth)]
         draft_to_target = self.heads.draft_to_target
-        tokens = [int(draft_to_target[ranked[len(p) - 1][p[-1]]]) for p in self.tree_paths]
-        parents = [self.tree_parent[p] for p in self.tree_paths]
+        tokens = [int(draft_to_target[top[len(p) - 1].indices[p[-1]]]) for p in paths]
+        index = {p: i for i, p in enumerate(paths)}
+        parents = [index[p[:-1]] if len(p) > 1 else -1 for p in paths]
+        # the path's product of head probabilities: what the budget calibrates (EAGLE-2's score)
+        scores: list[float] = []
+        for p, parent in zip(paths, parents):
+            prob = float(top[len(p) - 1].values[p[-1]])
+            scores.append(prob * (scores[parent] if parent >= 0 else 1.0))
         draft_probs = {}
         if self.with_draft_probs:
             per_depth = {}
-            for node, p in [(-1, ())] + list(enumerate(self.tree_paths)):
+            for node, p in [(-1, ())] + list(enumerate(paths)):
                 d = len(p)  # the children of a depth-d node come from head d + 1
-                if d < depth and any(len(c) == d + 1 and c[:-1] == p for c in self.tree_paths):
+                if d < depth and any(len(c) == d + 1 and c[:-1] == p for c in paths):
                     if d not in per_depth:
                         per_depth[d] = draft_probs_on_target(draft_logits[d], draft_to_target,
                                                              state.vocab_size, state)
                     draft_probs[node] = per_depth[d]
-        return DraftTree(tokens, parents, draft_probs, {}, "deterministic")
+        tree = DraftTree(tokens, parents, draft_probs, {}, "deterministic", scores)
+        if state.node_budget is not None and len(tree) > state.node_budget + 1:
+            # the likeliest nodes; a parent's score is >= its child's and it comes first in
+            # drafting order, so the kept set holds every kept node's ancestors
+            order = sorted(range(len(tree)), key=lambda i: (-scores[i], i))
+            tree = tree.prune(order[: state.node_budget + 1])
+        return tree

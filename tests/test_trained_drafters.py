@@ -253,3 +253,80 @@ def test_shipped_weights_on_the_embedded_model(embedded, kind):
                                max_new_tokens=8, temperature=0.0,
                                eos_token_id=tokenizer.eos_token_id)
     assert out.sequences.tolist() == expected.tolist()
+
+
+HEAD_KINDS = ["medusa", "hydra", "hydra++"]
+
+
+def _prefilled_state(target, tokens: list[int]):
+    from specdec.sampling import SamplingConfig
+    from specdec.state import DecodingState
+    with torch.no_grad():
+        out = target(torch.tensor([tokens[:-1]]), output_hidden_states=True)
+    return DecodingState(tokens=list(tokens), prompt_length=len(tokens), vocab_size=VOCAB,
+                         sampling=SamplingConfig(0.0), generator=None, max_new_tokens=16,
+                         device=torch.device("cpu"), target=target,
+                         hidden_states=tuple(h[0] for h in out.hidden_states))
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_head_trees_carry_path_scores(trained, target, kind):
+    """Each node's score is its parent's times the head's probability of its token, so the
+    budget calibrates them like EAGLE-2's (they are checked by DraftTree too)."""
+    _, _, folder = trained[kind]
+    drafter = drafter_for(kind, folder)
+    state = _prefilled_state(target, [5, 17, 3, 40, 22])
+    drafter.begin(state)
+    tree = drafter.propose(state)
+    assert len(tree) == len(SMALL_TREE) and tree.node_scores is not None
+    scores, parents = tree.node_scores.tolist(), tree.parent_list
+    assert all(0 < s <= 1 for s in scores)
+    assert scores[0] >= scores[1]  # rank 0 before rank 1 below the root
+    assert any(p >= 0 and scores[i] < scores[p] for i, p in enumerate(parents))
+
+
+@pytest.mark.parametrize("hint", [0, 2])
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_head_drafters_read_the_budget_hint(trained, target, kind, hint):
+    """With ``state.node_budget`` set, Medusa / Hydra draft the hint + 1 likeliest nodes and run
+    no head deeper than that many nodes reach."""
+    _, _, folder = trained[kind]
+    drafter = drafter_for(kind, folder)
+    state = _prefilled_state(target, [5, 17, 3, 40, 22])
+    drafter.begin(state)
+    full = drafter.propose(state)
+    heads_run = []
+    module = drafter.heads
+    if kind == "medusa":
+        for k, blocks in enumerate(module.blocks, start=1):
+            blocks.register_forward_hook(lambda *a, k=k: heads_run.append(k))
+    else:
+        original = module.head_logits
+        module.head_logits = lambda k, *a: heads_run.append(k) or original(k, *a)
+    state.node_budget = hint
+    tree = drafter.propose(state)
+    assert len(tree) == hint + 1 and tree.max_depth <= hint + 1
+    assert max(heads_run) == min(hint + 1, full.max_depth)
+    # the kept nodes are the full tree's likeliest ones, same tokens and scores
+    best = sorted(range(len(full)), key=lambda i: (-float(full.node_scores[i]), i))[: hint + 1]
+    assert sorted(tree.tokens) == sorted(full.tokens[i] for i in best)
+    torch.testing.assert_close(tree.node_scores.sort().values,
+                               full.node_scores[best].sort().values)
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_head_drafters_greedy_lossless_under_a_budget_that_cuts(trained, target, kind):
+    from specdec.cost import LatencyProfile, TreeBudget
+
+    _, _, folder = trained[kind]
+    prompt = torch.tensor([[5, 17, 3, 40, 22, 9]])
+    expected = target.generate(prompt, do_sample=False, max_new_tokens=24)
+    budget = TreeBudget(LatencyProfile([1, 2, 4, 8, 16], [0.010, 0.012, 0.016, 0.030, 0.060]))
+    out = speculative_generate(target, prompt, drafter=drafter_for(kind, folder),
+                               verifier="greedy", max_new_tokens=24, temperature=0.0,
+                               tree_budget=budget)
+    assert out.sequences.tolist() == expected.tolist()
+    choices = budget.history
+    assert any(c.nodes < c.drafted for c in choices)  # the budget cut, so the hint was used
+    assert all(b.drafted <= a.nodes + 1 for a, b in zip(choices, choices[1:])
+               if a.nodes < a.drafted)
