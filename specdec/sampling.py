@@ -56,7 +56,11 @@ class SamplingConfig:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from a [V] distribution."""
+    """One token from a [V] distribution. A point mass (greedy decoding's one-hot rows) returns
+    its token without a draw: ``multinomial`` over a 49k vocabulary costs about 1 ms on CPU."""
+    top, token = probs.max(-1)
+    if float(top) == 1.0:
+        return int(token)
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
