@@ -271,3 +271,17 @@ def test_loop_statistical_check_catches_a_lossy_rule():
     off_support = counts[~support].sum()
     expected = expected[support] / expected[support].sum()
     assert off_support > 0 or chisquare(counts[support], expected * 500).pvalue < 1e-4
+
+
+def test_sample_of_a_point_mass_skips_the_draw_and_others_draw():
+    from specdec.sampling import sample
+
+    generator = torch.Generator().manual_seed(0)
+    point = torch.zeros(50)
+    point[17] = 1.0
+    state = generator.get_state()
+    assert sample(point, generator) == 17
+    assert torch.equal(generator.get_state(), state)  # no random number consumed
+    spread = torch.full((50,), 1 / 50)
+    draws = {sample(spread, generator) for _ in range(200)}
+    assert len(draws) > 30 and not torch.equal(generator.get_state(), state)
