@@ -5,13 +5,15 @@ every weight matrix of the target. On CPU, PyTorch's float32 ``nn.Linear`` compu
 through MKL with a transposed operand, and for such skinny products that path is slow: on the
 2-core Xeon (AVX-512) this project is measured on, a [8, 576] x [576, 1536] product takes 0.36 ms
 as ``F.linear`` and 0.18 ms as ``x @ W_t`` with ``W_t = W^T`` stored contiguously, and the
-49152-row LM head 26 ms against 15 ms; the two agree at ``n = 1``, where the product is bound by
-reading the weights. Over SmolLM2-135M's 211 linear layers, a 12-token forward goes from 153 ms to
-112 ms (``benchmarks/bench_gemm.py``).
+49152-row LM head 26 ms against 15 ms; they agree for 1 to 3 rows. Over SmolLM2-135M's 211 linear
+layers, on one thread, a 12-token verify forward goes from 150 ms to 113 ms and a 64-token one
+from 219 ms to 185 ms; on two threads the two layouts are within timing noise
+(``benchmarks/bench_gemm.py``, table in docs/drafters.md).
 
 `TransposedLinears` keeps a contiguous transposed copy of each plain ``nn.Linear`` weight and,
-only inside ``active(n)`` with ``n >= 2``, routes the module's forward through it; outside (and
-for single-token steps) the module runs its own forward, so ``model.generate`` and everything else
+only inside ``active(n)`` with ``n >= MIN_TOKENS`` (4), routes the module's forward through it;
+outside (and for forwards of 1-3 tokens, where the stock path is as fast) the module runs its own
+forward, so ``model.generate`` and everything else
 is untouched. The copies cost one extra set of linear weights in memory, so ``"auto"`` turns the
 layout on only for float32 models on CPU whose linear weights take at most
 `AUTO_MAX_BYTES`. Outputs differ from the stock path only by float32 summation order (about 1e-5
@@ -31,6 +33,9 @@ import torch
 from torch import nn
 
 AUTO_MAX_BYTES = 4 << 30
+# below this many rows MKL's stock path is as fast or faster (1-3 rows: 0.12-0.13 ms against
+# 0.15-0.16 ms for the [576, 1536] product above), from 4 rows on the transposed copy wins
+MIN_TOKENS = 4
 ENV = "SPECDEC_TRANSPOSED_GEMM"  # "0" / "1" overrides "auto" (e.g. for an ablation)
 
 
@@ -61,8 +66,9 @@ class TransposedLinears:
 
     @contextlib.contextmanager
     def active(self, n_tokens: int):
-        """Route the linears through the transposed copies for a forward over ``n_tokens``."""
-        if n_tokens < 2:
+        """Route the linears through the transposed copies for a forward over ``n_tokens``
+        (``>= MIN_TOKENS``; fewer: the stock path)."""
+        if n_tokens < MIN_TOKENS:
             yield
             return
         patched = []
