@@ -569,7 +569,7 @@ def run(args: argparse.Namespace) -> int:
     earlier = module.config.get("training")
     module.config["training"] = {
         **({"continued_from": earlier} if earlier else {}),
-        "data": args.data, "sequences": len(features), "tokens": features.num_tokens,
+        "data": source, "sequences": len(features), "tokens": features.num_tokens,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "draft_vocab": int(draft_to_target.numel()), "seq_len": args.seq_len,
     }
