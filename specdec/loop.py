@@ -47,6 +47,18 @@ def target_vocab_size(model) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
+def next_node_budget(hint: int | None, drafted: int, kept: int) -> int | None:
+    """The drafter's next ``DecodingState.node_budget``: the kept size when the budget cut the
+    tree; when it kept a tree drafted under a hint whole, twice that size (the tree grows back
+    geometrically while it pays, instead of a full-size draft every other step that the budget
+    would mostly throw away); None while nothing is cut."""
+    if kept < drafted:
+        return kept
+    if hint is not None:
+        return max(1, 2 * kept)
+    return None
+
+
 def _eos_set(eos_token_id) -> set[int]:
     if eos_token_id is None:
         return set()
@@ -168,7 +180,7 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
             propose_time += _clock(device) - t0
             drafted = len(tree)
             tree = budget.choose(tree, propose_time / (state.step + 1))
-            state.node_budget = len(tree) if len(tree) < drafted else None
+            state.node_budget = next_node_budget(state.node_budget, drafted, len(tree))
         t1 = _clock(device)
         out = target.verify(state.tokens[-1], tree)
         t2 = _clock(device)

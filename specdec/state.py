@@ -30,8 +30,9 @@ class DecodingState:
     step: int = 0
     # a hint from the cost-aware tree budget (specdec/cost.py): the last step's drafted tree was
     # cut to this many nodes, so drafting more was wasted; None when nothing was cut (or there is
-    # no budget). Drafters MAY read it to draft less; it is reset to None whenever the budget kept
-    # a whole tree, so a drafter that obeys it can grow its trees again.
+    # no budget). Drafters MAY read it to draft at most node_budget + 1 nodes; when the budget
+    # keeps a tree drafted under a hint whole, the next hint is twice its size, so a drafter that
+    # obeys it grows its trees back geometrically (specdec/loop.py ``next_node_budget``).
     node_budget: int | None = None
 
     @property

@@ -309,16 +309,33 @@ def test_budget_cuts_trees_and_hints_the_drafter():
     assert out.sequences.tolist() == expected.tolist()
     info = out.stats.extra["tree_budget"]
     assert info["mean_nodes"] < info["mean_drafted_nodes"] and max(out.stats.tree_sizes) <= 5
-    # the hint a step sees is the previous step's kept size when that step was cut, else None
+    # the hint a step sees is the previous step's kept size when that step was cut; twice the
+    # kept size when a tree drafted under a hint was kept whole; else None
     for step in range(1, out.stats.steps):
-        choice = budget.history[step - 1]
-        assert drafter.hints[step] == (choice.nodes if choice.nodes < choice.drafted else None)
+        choice, before = budget.history[step - 1], drafter.hints[step - 1]
+        if choice.nodes < choice.drafted:
+            assert drafter.hints[step] == choice.nodes
+        elif before is not None:
+            assert drafter.hints[step] == max(1, 2 * choice.nodes)
+        else:
+            assert drafter.hints[step] is None
     assert drafter.hints[0] is None and any(h is not None for h in drafter.hints)
     # a reused budget reports only this generation's steps
     again = speculative_generate(model, prompt, drafter=drafter, verifier="greedy",
                                  max_new_tokens=30, temperature=0.0, tree_budget=budget)
     assert len(again.stats.extra["tree_budget"]["nodes_per_step"]) == again.stats.steps
     assert len(budget.history) == out.stats.steps + again.stats.steps
+
+
+def test_next_node_budget_grows_back_geometrically():
+    from specdec.loop import next_node_budget
+
+    assert next_node_budget(None, 12, 12) is None  # nothing cut, no hint
+    assert next_node_budget(None, 12, 3) == 3  # cut
+    assert next_node_budget(5, 6, 0) == 0  # cut to a plain step
+    assert next_node_budget(0, 1, 1) == 2  # the hinted tree paid: let it double
+    assert next_node_budget(2, 3, 3) == 6
+    assert next_node_budget(0, 0, 0) == 1  # nothing drafted under a hint: still room to try
 
 
 def test_wrap_builds_one_budget(latency_cache):
