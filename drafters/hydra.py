@@ -34,7 +34,7 @@ from torch import nn
 from drafters.base import DrafterBase
 from drafters.medusa import DEFAULT_TREE, draft_probs_on_target
 from drafters.trained import (ResBlock, TrainedModule, distillation_loss, draft_head_weight,
-                              rank_tree_children)
+                              keep_likeliest, rank_tree_children)
 from specdec.state import DecodingState
 from specdec.tree import DraftTree
 
@@ -225,11 +225,8 @@ class HydraDrafter(DrafterBase):
                 scores.append(top_probs[row_of[p[:-1]]][p[-1]]
                               * (scores[parent] if parent >= 0 else 1.0))
         tree = DraftTree(tokens, parents, draft_probs, {}, "deterministic", scores)
-        if state.node_budget is not None and len(tree) > state.node_budget + 1:
-            # the likeliest nodes; a parent scores >= its children and comes first, so every
-            # kept node's ancestors are kept
-            order = sorted(range(len(tree)), key=lambda i: (-scores[i], i))
-            tree = tree.prune(order[: state.node_budget + 1])
+        if state.node_budget is not None:
+            tree = keep_likeliest(tree, state.node_budget + 1)
         return tree
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from drafters.base import DrafterBase
 from drafters.trained import (ResBlock, TrainedModule, distillation_loss, draft_head_weight,
-                              rank_tree_children)
+                              keep_likeliest, rank_tree_children)
 from specdec.state import DecodingState
 from specdec.tree import DraftTree
 
@@ -154,9 +154,6 @@ class MedusaDrafter(DrafterBase):
                                                              state.vocab_size, state)
                     draft_probs[node] = per_depth[d]
         tree = DraftTree(tokens, parents, draft_probs, {}, "deterministic", scores)
-        if state.node_budget is not None and len(tree) > state.node_budget + 1:
-            # the likeliest nodes; a parent's score is >= its child's and it comes first in
-            # drafting order, so the kept set holds every kept node's ancestors
-            order = sorted(range(len(tree)), key=lambda i: (-scores[i], i))
-            tree = tree.prune(order[: state.node_budget + 1])
+        if state.node_budget is not None:
+            tree = keep_likeliest(tree, state.node_budget + 1)
         return tree

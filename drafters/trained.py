@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from specdec.tree import DraftTree
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -116,6 +118,17 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + nn.functional.silu(self.linear(x))
+
+
+def keep_likeliest(tree: DraftTree, count: int) -> DraftTree:
+    """The ``count`` nodes of ``tree`` with the highest ``node_scores`` (ties: drafting order).
+    Path scores never exceed the parent's and parents come first, so every kept node's ancestors
+    are kept."""
+    if len(tree) <= count:
+        return tree
+    scores = tree.node_scores.tolist()
+    order = sorted(range(len(tree)), key=lambda i: (-scores[i], i))
+    return tree.prune(order[:count])
 
 
 def rank_tree_children(paths: list[list[int]]) -> tuple[list[tuple[int, ...]], dict]:
