@@ -10,9 +10,7 @@ import torch
 import drafters
 from drafters.eagle import Eagle3Module, EagleModule
 from drafters.train import default_aux_layers
-from specdec.sampling import SamplingConfig
-from specdec.state import DecodingState
-from tests.test_trained_drafters import VOCAB, tiny_target
+from tests.test_trained_drafters import VOCAB, state_for, tiny_target
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +26,6 @@ def module_for(kind: str, target):
     for p in module.parameters():  # a random, non-trivial drafter
         torch.nn.init.normal_(p, std=0.3)
     return module.eval()
-
-
-def state_for(target, tokens: list[int]) -> DecodingState:
-    """The state after a prefill of ``tokens``: hidden states of all but the last token."""
-    with torch.no_grad():
-        out = target(torch.tensor([tokens[:-1]]), output_hidden_states=True)
-    return DecodingState(tokens=list(tokens), prompt_length=len(tokens), vocab_size=VOCAB,
-                         sampling=SamplingConfig(0.0), generator=None, max_new_tokens=16,
-                         device=torch.device("cpu"), target=target,
-                         hidden_states=tuple(h[0] for h in out.hidden_states))
 
 
 @pytest.mark.parametrize("kind", ["eagle", "eagle3"])

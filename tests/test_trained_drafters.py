@@ -258,7 +258,8 @@ def test_shipped_weights_on_the_embedded_model(embedded, kind):
 HEAD_KINDS = ["medusa", "hydra", "hydra++"]
 
 
-def _prefilled_state(target, tokens: list[int]):
+def state_for(target, tokens: list[int]):
+    """The state after a prefill of ``tokens``: hidden states of all but the last token."""
     from specdec.sampling import SamplingConfig
     from specdec.state import DecodingState
     with torch.no_grad():
@@ -275,7 +276,7 @@ def test_head_trees_carry_path_scores(trained, target, kind):
     budget calibrates them like EAGLE-2's (they are checked by DraftTree too)."""
     _, _, folder = trained[kind]
     drafter = drafter_for(kind, folder)
-    state = _prefilled_state(target, [5, 17, 3, 40, 22])
+    state = state_for(target, [5, 17, 3, 40, 22])
     drafter.begin(state)
     tree = drafter.propose(state)
     assert len(tree) == len(SMALL_TREE) and tree.node_scores is not None
@@ -292,7 +293,7 @@ def test_head_drafters_read_the_budget_hint(trained, target, kind, hint):
     no head deeper than that many nodes reach."""
     _, _, folder = trained[kind]
     drafter = drafter_for(kind, folder)
-    state = _prefilled_state(target, [5, 17, 3, 40, 22])
+    state = state_for(target, [5, 17, 3, 40, 22])
     drafter.begin(state)
     full = drafter.propose(state)
     heads_run = []
