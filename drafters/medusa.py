@@ -136,8 +136,8 @@ class MedusaDrafter(DrafterBase):
         top = [torch.topk(draft_logits[d].float().softmax(-1), widest[d]) for d in range(depth)]
         draft_to_target = self.heads.draft_to_target
         tokens = [int(draft_to_target[top[len(p) - 1].indices[p[-1]]]) for p in paths]
-        index = {p: i for i, p in enumerate(paths)}
-        parents = [index[p[:-1]] if len(p) > 1 else -1 for p in paths]
+        # paths is a prefix of tree_paths (sorted by depth first), so the parent indices hold
+        parents = [self.tree_parent[p] for p in paths]
         # the path's product of head probabilities: what the budget calibrates (EAGLE-2's score)
         scores: list[float] = []
         for p, parent in zip(paths, parents):
