@@ -1,13 +1,14 @@
-"""Verify-forward latency on the embedded model with the stock nn.Linear path and with the
-transposed-weight layout (specdec/gemm.py), interleaved.
+"""Verify-forward latency on the embedded model: the stock Hugging Face forward, the stock forward
+with the transposed-weight layout (specdec/gemm.py), and the lean forward (specdec/fastpath.py),
+interleaved.
 
-For each size n (root + n - 1 chain nodes, after a ``--context``-token prefill) and each layout,
-``--repeats`` timed `TreeForward.verify` calls after ``--warmup`` rounds, the layouts and sizes
-interleaved so drift in machine load hits both alike; prints the median milliseconds, the ratio
-stock / transposed, and each layout's cost relative to its own 1-token step (what the tree
-budget weighs a tree against). Also checks that the two layouts pick the same argmax per row.
+For each size n (root + n - 1 chain nodes, after a ``--context``-token prefill) and each forward,
+``--repeats`` timed `TreeForward.verify` calls after ``--warmup`` rounds, the forwards and sizes
+interleaved so drift in machine load hits all alike; prints the median milliseconds, each one's
+speedup over stock at the same n, each one's cost relative to the *stock* 1-token step (what a
+step costs against one token of ``model.generate``), and whether all pick the same argmax per row.
 
-    python benchmarks/bench_gemm.py --threads 1
+    python benchmarks/bench_gemm.py --threads 2
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ def main() -> None:
     vocab = int(model.get_input_embeddings().weight.shape[0])
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (args.context,), generator=generator)
-    forwards = {}
-    for name, setting in (("stock", False), ("transposed", True)):
-        forwards[name] = TreeForward(model, transposed_gemm=setting)
-        forwards[name].prefill(prompt[:-1])
+    forwards = {"stock": TreeForward(model, transposed_gemm=False, fastpath=False),
+                "transposed": TreeForward(model, transposed_gemm=True, fastpath=False),
+                "fast": TreeForward(model, fastpath=True)}
+    for fwd in forwards.values():
+        fwd.prefill(prompt[:-1])
     times = {(name, n): [] for name in forwards for n in sizes}
     same = {n: True for n in sizes}
     for round_ in range(args.warmup + args.repeats):
@@ -56,17 +58,21 @@ def main() -> None:
                 argmax[name] = out.logits.argmax(-1)
                 if round_ >= args.warmup:
                     times[name, n].append(elapsed)
-            same[n] &= bool(torch.equal(argmax["stock"], argmax["transposed"]))
+            same[n] &= all(torch.equal(argmax["stock"], a) for a in argmax.values())
     ms = {key: 1000 * statistics.median(v) for key, v in times.items()}
     print(f"threads {torch.get_num_threads()}, context {args.context}, "
           f"medians of {args.repeats} interleaved rounds")
-    print("| n | stock ms | transposed ms | stock / transposed | stock vs 1 token "
-          "| transposed vs 1 token | same argmax |")
-    print("|---|---|---|---|---|---|---|")
+    names = list(forwards)
+    one = ms["stock", sizes[0]]
+    print("| n | " + " | ".join(f"{k} ms" for k in names) + " | "
+          + " | ".join(f"stock / {k}" for k in names[1:]) + " | "
+          + " | ".join(f"{k} vs stock 1 token" for k in names) + " | same argmax |")
+    print("|---" * (1 + 3 * len(names)) + "|---|")
     for n in sizes:
-        s, t = ms["stock", n], ms["transposed", n]
-        print(f"| {n} | {s:.1f} | {t:.1f} | {s / t:.2f}x | {s / ms['stock', sizes[0]]:.2f} "
-              f"| {t / ms['transposed', sizes[0]]:.2f} | {'yes' if same[n] else 'NO'} |")
+        cells = [f"{ms[k, n]:.1f}" for k in names]
+        cells += [f"{ms['stock', n] / ms[k, n]:.2f}x" for k in names[1:]]
+        cells += [f"{ms[k, n] / one:.2f}" for k in names]
+        print(f"| {n} | " + " | ".join(cells) + f" | {'yes' if same[n] else 'NO'} |")
 
 
 if __name__ == "__main__":

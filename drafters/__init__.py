@@ -11,6 +11,7 @@ from drafters.base import Drafter, DrafterBase
 from specdec.registry import build
 
 _REGISTRY: dict[str, str] = {
+    "none": "drafters.none:NoDrafter",
     "pld": "drafters.prompt_lookup:PromptLookupDrafter",
     "trie": "drafters.ngram_trie:NgramTrieDrafter",
     "small-lm": "drafters.small_lm:SmallLMDrafter",

@@ -48,13 +48,17 @@ class TreeForward:
     """
 
     def __init__(self, model, output_hidden_states: bool = False,
-                 transposed_gemm: bool | str | None = "auto"):
+                 transposed_gemm: bool | str | None = "auto",
+                 fastpath: bool | str | None = "auto"):
+        from specdec import fastpath as fast_module
         from specdec.gemm import for_model
 
         self.model = model
         self.output_hidden_states = output_hidden_states
-        # multi-token forwards through transposed weight copies (specdec/gemm.py), CPU float32
-        self.linears = for_model(model, transposed_gemm)
+        # the lean Llama-family forward (specdec/fastpath.py) for every non-prefill forward
+        self.fast = fast_module.for_model(model, fastpath)
+        # otherwise: multi-token forwards through transposed weight copies (specdec/gemm.py)
+        self.linears = None if self.fast is not None else for_model(model, transposed_gemm)
         self.cache = DynamicCache(config=model.config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -128,6 +132,13 @@ class TreeForward:
         mask = torch.zeros(1, 1, n, total, dtype=self.dtype)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
+        if self.fast is not None and not stock_layout:
+            logits, hidden = self.fast(
+                token_ids.to(self.device), position_ids,
+                None if bool(allowed.all()) else mask.to(self.device), self.cache,
+                output_hidden_states=self.output_hidden_states)
+            self.cached_positions.extend(positions)
+            return TreeOutput(logits, hidden)
         layout = (contextlib.nullcontext() if self.linears is None or stock_layout
                   else self.linears.active(n))
         with layout:

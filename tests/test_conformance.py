@@ -40,6 +40,7 @@ def trained(kind, name=None, **drafter_options):
 
 
 DRAFTERS = {
+    "none": lambda t: drafters.get("none"),
     "pld": lambda t: drafters.get("pld"),
     "trie": lambda t: drafters.get("trie"),
     "small-lm": lambda t: drafters.get("small-lm", model=perturbed_copy(t, 0.02), depth=3),

@@ -76,7 +76,9 @@ def test_auto_only_for_float32_on_cpu_and_the_environment_overrides(monkeypatch)
     assert gemm.wanted(model, "auto")
     monkeypatch.setenv(gemm.ENV, "0")
     assert not gemm.wanted(model, "auto") and gemm.wanted(model, True)
-    assert TreeForward(model).linears is None
+    assert TreeForward(model, fastpath=False).linears is None
+    assert TreeForward(model, fastpath=False, transposed_gemm=True).linears is not None
+    assert TreeForward(model).linears is None  # the fast path (specdec/fastpath.py) replaces it
     monkeypatch.setenv(gemm.ENV, "yes")
     with pytest.raises(ValueError, match="SPECDEC_TRANSPOSED_GEMM must be 0 or 1"):
         gemm.wanted(model, "auto")
@@ -91,7 +93,7 @@ def test_tree_verify_agrees_with_and_without_the_layout(arch):
     tree = DraftTree([5, 7, 9, 11, 13, 2], [-1, -1, 0, 0, 2, 1])
     outputs = []
     for setting in (False, True):
-        fwd = TreeForward(model, transposed_gemm=setting)
+        fwd = TreeForward(model, transposed_gemm=setting, fastpath=False)
         assert (fwd.linears is not None) == setting
         fwd.prefill(prompt)
         outputs.append(fwd.verify(11, tree).logits)

@@ -1,0 +1,323 @@
+"""A lean forward for Llama-family targets (Llama, Mistral without sliding window, Qwen2,
+SmolLM2) used by `TreeForward` for its verify and draft forwards.
+
+Why: on a small CPU target most of a verify forward is not arithmetic. On the 2-core Xeon this
+project measures on, SmolLM2-135M's Hugging Face forward over the root plus 7 draft tokens takes
+about 62 ms, of which the weight products are about 38 ms; the rest is per-op overhead: 30 layers
+of module calls, keyword plumbing, an RMSNorm of six ops, rotary embeddings built from ``cat`` and
+``neg``, and ``repeat_kv`` copying every key and value three times for grouped-query attention.
+This module computes the same function with fewer, larger operations:
+
+- q/k/v projections fused into one matrix product, gate/up into another (one weight each, the
+  rows concatenated; every output element is the same dot product as before);
+- on CPU float32 with MKL, products of 4 to `PACK_MAX` rows use MKL's packed-weight GEMM
+  (``torch.ops.mkl._mkl_linear`` over weights packed once by ``_mkl_reorder_linear_weight``),
+  which streams the weights faster for skinny inputs than the stock ``x @ W^T`` path;
+- ``F.rms_norm``; rotary embeddings applied with one precomputed ``cos``/``sin`` pair per forward;
+- attention through ``scaled_dot_product_attention(..., enable_gqa=True)``: no key/value copies.
+
+The cache is the same ``DynamicCache`` the Hugging Face forward uses (keys and values appended by
+``torch.cat`` per layer), so prefill (which keeps the stock forward), `TreeForward.commit` and
+everything reading the cache are unchanged. Outputs differ from the stock forward only by float
+summation order (about 1e-5 in the logits), the same kind of difference as between a 1-token and an
+n-token forward; greedy outputs are tested token for token against ``model.generate``
+(tests/test_fastpath.py).
+
+`supported(model)` says whether a model qualifies: a ``LlamaForCausalLM``-shaped module tree (decoder
+layers with ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, two RMSNorms), SiLU MLP,
+full attention (no sliding window), no attention logit soft-capping. Anything else uses the stock
+forward. Turn the fast path off with ``SPECDEC_FASTPATH=0`` or ``TreeForward(..., fastpath=False)``.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENV = "SPECDEC_FASTPATH"
+PACK_MIN = 4  # below this MKL's stock path streams the weights as fast (measured, bench_fastpath)
+PACK_MAX = 12  # above this the packed product is slower than the stock one on this CPU
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+AUTO_MAX_BYTES = 4 << 30  # "auto" declines when the fused and packed copies would take more
+
+
+def _mkl_available() -> bool:
+    return hasattr(torch.ops, "mkl") and hasattr(torch.ops.mkl, "_mkl_linear") \
+        and torch.backends.mkl.is_available()
+
+
+class FusedLinear:
+    """One weight matrix (rows of several projections concatenated) with an optional MKL-packed
+    copy for products of `PACK_MIN` to `PACK_MAX` rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+        self.weight = weight.contiguous()
+        self.bias = bias
+        self.packed = None
+        if pack:
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, PACK_MAX)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        if self.packed is not None and PACK_MIN <= m <= PACK_MAX:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, m)
+        return F.linear(x, self.weight, self.bias)
+
+
+def packing_works(weight: torch.Tensor) -> bool:
+    """MKL packs a weight for one batch size; this checks, on ``weight``, that the packed copy
+    gives the stock product for every row count the fast path sends through it."""
+    packed = FusedLinear(weight, None, pack=True)
+    generator = torch.Generator().manual_seed(0)
+    for m in range(PACK_MIN, PACK_MAX + 1):
+        x = torch.randn(m, weight.shape[1], generator=generator, dtype=weight.dtype)
+        want = F.linear(x, weight)
+        got = packed(x)
+        scale = float(want.abs().max()) + 1e-6
+        if got.shape != want.shape or not float((got - want).abs().max()) <= 1e-4 * scale:
+            return False
+    return True
+
+
+def extra_bytes(model: nn.Module) -> int:
+    """Memory the fast path adds: fused q/k/v and gate/up copies, plus (CPU float32 with MKL)
+    a packed copy of every weight product."""
+    _, layers, head = _attribute_chain(model)
+    size = lambda t: t.numel() * t.element_size()
+    fused = sum(size(layer.self_attn.q_proj.weight) + size(layer.self_attn.k_proj.weight)
+                + size(layer.self_attn.v_proj.weight) + size(layer.mlp.gate_proj.weight)
+                + size(layer.mlp.up_proj.weight) for layer in layers)
+    linear = sum(size(m.weight) for m in model.modules() if type(m) is nn.Linear)
+    weight = head.weight
+    packed = weight.device.type == "cpu" and weight.dtype == torch.float32 and _mkl_available()
+    return fused + (linear if packed else 0)
+
+
+def _attribute_chain(model):
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    head = getattr(model, "lm_head", None)
+    if inner is None or layers is None or head is None:
+        return None
+    return inner, layers, head
+
+
+def supported(model: nn.Module) -> str | None:
+    """None when the fast path can run ``model``; otherwise why not."""
+    config = model.config
+    if getattr(config, "model_type", None) not in MODEL_TYPES:
+        return f"model_type {getattr(config, 'model_type', None)!r} is not one of {MODEL_TYPES}"
+    chain = _attribute_chain(model)
+    if chain is None:
+        return "not a model.layers / lm_head module tree"
+    inner, layers, head = chain
+    if type(head) is not nn.Linear:
+        return "lm_head is not a plain nn.Linear"
+    if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+        return f"hidden_act {config.hidden_act!r} (only SiLU)"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention soft-capping"
+    if getattr(inner, "rotary_emb", None) is None or getattr(inner, "norm", None) is None:
+        return "no rotary_emb / norm module"
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or mlp is None or not all(type(getattr(attn, k, None)) is nn.Linear
+                                                  for k in names):
+            return "a decoder layer without self_attn.{q,k,v,o}_proj"
+        if not all(type(getattr(mlp, k, None)) is nn.Linear for k in ("gate_proj", "up_proj",
+                                                                      "down_proj")):
+            return "a decoder layer without mlp.{gate,up,down}_proj"
+        if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+            return "q/k norms (Qwen3-style) are not implemented"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            if not hasattr(getattr(layer, norm, None), "weight"):
+                return f"a decoder layer without {norm}"
+    for m in model.modules():
+        if "forward" in m.__dict__ or getattr(m, "_hf_hook", None) is not None:
+            return "a module has a replaced forward or an offload hook"
+    return None
+
+
+def _eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(norm, name, None)
+        if isinstance(value, float):
+            return value
+    return 1e-6
+
+
+class FastForward:
+    """Fused weights of one Llama-family model and its lean forward."""
+
+    def __init__(self, model: nn.Module, pack: bool | None = None):
+        reason = supported(model)
+        if reason is not None:
+            raise ValueError(f"fast path unsupported: {reason}")
+        self.model = model
+        inner, layers, head = _attribute_chain(model)
+        self.inner, self.head_module = inner, head
+        config = model.config
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        weight = head.weight
+        if pack is None:
+            pack = (weight.device.type == "cpu" and weight.dtype == torch.float32
+                    and _mkl_available())
+        if pack and not packing_works(layers[0].self_attn.o_proj.weight.detach()):
+            pack = False
+        self.pack = pack
+        self.repeat_kv = weight.device.type != "cpu"
+        self._stamp = None
+        self._build()
+
+    def _weights_stamp(self):
+        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
+    def _build(self) -> None:
+        pack = self.pack
+        self.layers = []
+        with torch.no_grad():
+            for layer in self.inner.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+                biases = [p.bias for p in projections]
+                qkv_bias = None if all(b is None for b in biases) else torch.cat([
+                    b.detach() if b is not None else torch.zeros(p.out_features, dtype=p.weight.dtype,
+                                                                 device=p.weight.device)
+                    for b, p in zip(biases, projections)])
+                qkv = FusedLinear(torch.cat([p.weight.detach() for p in projections]), qkv_bias, pack)
+                o = FusedLinear(attn.o_proj.weight.detach(), _detached(attn.o_proj.bias), pack)
+                gate_up = FusedLinear(torch.cat([mlp.gate_proj.weight.detach(),
+                                                 mlp.up_proj.weight.detach()]),
+                                      _cat_bias(mlp.gate_proj, mlp.up_proj), pack)
+                down = FusedLinear(mlp.down_proj.weight.detach(), _detached(mlp.down_proj.bias), pack)
+                self.layers.append((layer, qkv, o, gate_up, down,
+                                    _eps(layer.input_layernorm),
+                                    _eps(layer.post_attention_layernorm)))
+            head = self.head_module
+            self.head = FusedLinear(head.weight.detach(), _detached(head.bias), pack)
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv * self.head_dim
+        self.intermediate = self.layers[0][3].weight.shape[0] // 2
+        self._stamp = self._weights_stamp()
+
+    def refresh(self) -> None:
+        """Rebuild the fused copies if any weight changed since (training, load_state_dict)."""
+        if self._weights_stamp() != self._stamp:
+            self._build()
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                 cache, output_hidden_states: bool = False):
+        """``input_ids`` [n], ``position_ids`` [1, n], ``mask`` float [1, 1, n, past + n] or None
+        when every token sees every cached and new token (a one-token step); appends to
+        ``cache``. Returns (logits [n, V], hidden states tuple or None) with the
+        Hugging Face conventions (hidden_states[0] the embeddings, hidden_states[-1] after the
+        final norm)."""
+        self.refresh()
+        n = int(input_ids.numel())
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        x = self.inner.embed_tokens(input_ids.view(1, n))  # [1, n, H]
+        cos, sin = self.inner.rotary_emb(x, position_ids)  # [1, n, hd]
+        cos, sin = cos[0], sin[0]  # [n, hd]
+        half = hd // 2
+        hidden = [x[0]] if output_hidden_states else None
+        h = x[0]  # [n, H]
+        for index, (layer, qkv, o, gate_up, down, eps1, eps2) in enumerate(self.layers):
+            normed = _rms_norm(h, layer.input_layernorm.weight, eps1)
+            proj = qkv(normed)  # [n, q + 2 kv]
+            # queries and keys rotated together: [nh + nkv, n, hd]
+            qk = proj[:, : self.q_size + self.kv_size].view(n, nh + nkv, hd).transpose(0, 1)
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            q, k = qk[:nh], qk[nh:]
+            v = proj[:, self.q_size + self.kv_size:].view(n, nkv, hd).transpose(0, 1)
+            keys, values = cache.update(k.unsqueeze(0), v.unsqueeze(0), index)
+            if self.repeat_kv and nh != nkv:  # CUDA's fused kernels take no GQA with a mask
+                keys = keys.repeat_interleave(nh // nkv, dim=1)
+                values = values.repeat_interleave(nh // nkv, dim=1)
+            attn = F.scaled_dot_product_attention(
+                q.unsqueeze(0), keys, values, attn_mask=mask,
+                scale=layer.self_attn.scaling,
+                enable_gqa=nh != nkv and not self.repeat_kv)  # [1, nh, n, hd]
+            h = h + o(attn[0].transpose(0, 1).reshape(n, self.q_size))
+            normed = _rms_norm(h, layer.post_attention_layernorm.weight, eps2)
+            gu = gate_up(normed)
+            h = h + down(F.silu(gu[:, : self.intermediate]) * gu[:, self.intermediate:])
+            if hidden is not None:
+                hidden.append(h)
+        final = self.inner.norm
+        h = _rms_norm(h, final.weight, _eps(final))
+        if hidden is not None:
+            hidden[-1] = h
+        return self.head(h), (tuple(hidden) if hidden is not None else None)
+
+
+def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: fused for float32 (the same result on CPU); for half types in its own order
+    (normalise in float32, cast back, then scale), which ``F.rms_norm`` does not reproduce."""
+    if h.dtype == torch.float32:
+        return F.rms_norm(h, (h.shape[-1],), weight, eps)
+    h32 = h.float()
+    h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h32.to(h.dtype)
+
+
+def _detached(bias):
+    return None if bias is None else bias.detach()
+
+
+def _cat_bias(a: nn.Linear, b: nn.Linear):
+    if a.bias is None and b.bias is None:
+        return None
+    zeros = lambda m: torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device)
+    return torch.cat([a.bias.detach() if a.bias is not None else zeros(a),
+                      b.bias.detach() if b.bias is not None else zeros(b)])
+
+
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, FastForward]" = weakref.WeakKeyDictionary()
+
+
+def wanted(model: nn.Module, setting: bool | str | None = "auto") -> bool:
+    """Whether ``setting`` (True, False, "auto"/None) turns the fast path on for ``model``;
+    ``SPECDEC_FASTPATH=0|1`` overrides "auto". True on an unsupported model raises."""
+    if setting is None or setting == "auto":
+        env = os.environ.get(ENV, "").strip()
+        if env and env not in ("0", "1"):
+            raise ValueError(f"{ENV} must be 0 or 1, got {env!r}")
+        if env == "0":
+            return False
+        if supported(model) is not None:
+            if env == "1":
+                raise ValueError(f"{ENV}=1 but the fast path cannot run this model: "
+                                 f"{supported(model)}")
+            return False
+        parameter = next(model.parameters())
+        # auto: CPU (where per-op overhead dominates small forwards) and copies of modest size
+        return parameter.device.type == "cpu" and extra_bytes(model) <= AUTO_MAX_BYTES
+    if setting is True:
+        reason = supported(model)
+        if reason is not None:
+            raise ValueError(f"fastpath=True but the fast path cannot run this model: {reason}; "
+                             f"use fastpath='auto' or False")
+        return True
+    if setting is False:
+        return False
+    raise ValueError(f"fastpath must be True, False or 'auto', got {setting!r}")
+
+
+def for_model(model: nn.Module, setting: bool | str | None = "auto") -> FastForward | None:
+    """The model's shared `FastForward` (fused copies made once per model), or None when off."""
+    if not wanted(model, setting):
+        return None
+    fast = _SHARED.get(model)
+    if fast is None:
+        fast = _SHARED[model] = FastForward(model)
+    return fast
