@@ -179,7 +179,18 @@ class FastForward:
         self._build()
 
     def _weights_stamp(self):
-        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        # the linear weights the copies were made from: replaced (``module.weight = ...``,
+        # ``load_state_dict(assign=True)``), moved or modified in place (a training step)
+        return [(module.weight, module.weight.data_ptr(), module.weight._version)
+                for module in self._linears]
+
+    def _stale(self) -> bool:
+        for module, (weight, pointer, version) in zip(self._linears, self._stamp):
+            current = module.weight
+            if current is not weight or current._version != version \
+                    or current.data_ptr() != pointer:
+                return True
+        return False
 
     def _build(self) -> None:
         pack = self.pack
@@ -207,11 +218,17 @@ class FastForward:
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
         self.intermediate = self.layers[0][3].weight.shape[0] // 2
+        self._linears = [self.head_module] + [
+            module for layer in self.inner.layers
+            for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                           layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                           layer.mlp.down_proj)]
         self._stamp = self._weights_stamp()
 
     def refresh(self) -> None:
-        """Rebuild the fused copies if any weight changed since (training, load_state_dict)."""
-        if self._weights_stamp() != self._stamp:
+        """Rebuild the fused copies if a linear weight changed since (training, load_state_dict);
+        norms and embeddings are read live."""
+        if self._stale():
             self._build()
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 import transformers
+from torch import nn
 
 import specdec
 from conftest import mt_bench_prompts, tiny_config, tiny_model
@@ -120,6 +121,13 @@ def test_weights_changed_after_building_are_picked_up():
     tree = DraftTree([6, 7, 8, 9], [-1, 0, 1, 2])
     ref, got = stock.verify(5, tree).logits, fast.verify(5, tree).logits
     assert not torch.allclose(before, ref, atol=1e-3)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    # a replaced parameter (load_state_dict(assign=True), module.weight = ...) is seen too
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach() * 0.5)
+    for fwd in (stock, fast):
+        fwd.crop(0)
+        fwd.prefill(prompt)
+    ref, got = stock.verify(5, tree).logits, fast.verify(5, tree).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
