@@ -23,6 +23,7 @@ _REGISTRY: dict[str, str] = {
     "eagle2": "drafters.eagle:Eagle2Drafter",
     "eagle3": "drafters.eagle:Eagle3Drafter",
     "falcon": "drafters.falcon:FalconDrafter",
+    "union": "drafters.union:UnionDrafter",
 }
 
 

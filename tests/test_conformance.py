@@ -49,6 +49,8 @@ DRAFTERS = {
     "small-lm-wor-tree": lambda t: drafters.get("small-lm", model=perturbed_copy(t, 0.02),
                                                 depth=2, branching=[3, 2],
                                                 mode="without_replacement"),
+    "union": lambda t: drafters.get("union", members=[
+        "pld", drafters.get("small-lm", model=perturbed_copy(t, 0.02), depth=3)]),
     "medusa": trained("medusa"),
     "hydra": trained("hydra"),
     "hydra++": trained("hydra++"),
