@@ -62,3 +62,38 @@ def test_prompt_lookup_and_hydra_together_match_generate(embedded):
     # prompt lookup's runs on code: more accepted per step than the heads alone
     assert out.stats.tau > alone.stats.tau
     assert max(sizes) > 16  # some steps carry the lookup's chain beside the heads' tree
+
+
+class Chain:
+    """A scripted unscored drafter: proposes ``tokens`` every step."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def propose(self, state):
+        return DraftTree.chain(self.tokens)
+
+
+def test_unscored_members_are_scored_by_their_own_acceptance_record():
+    from types import SimpleNamespace
+
+    from specdec.state import StepResult
+
+    union = UnionDrafter(members=[Chain([4, 5, 6])], unscored=0.5)
+    state = SimpleNamespace(vocab_size=16)
+    first = union.propose(state)
+    assert first.node_scores.tolist() == pytest.approx([0.5, 0.25, 0.125])  # the prior
+    for _ in range(40):  # the first two tokens always accepted, the third never
+        tree = union.propose(state)
+        union.observe(StepResult(tree, [0, 1], [4, 5, 9]))
+    rates = union.rates(0)
+    assert rates[0] > 0.9 and rates[1] > 0.9 and rates[2] < 0.1
+    scores = union.propose(state).node_scores.tolist()
+    assert scores[1] > 0.8 and scores[2] < 0.1
+    # a budget-pruned tree (only the first node verified, then rejected) counts what it shows
+    pruned = DraftTree.chain([4])
+    before = [list(c) for c in union.counts[0]]
+    union.propose(state)
+    union.observe(StepResult(pruned, [], [7]))
+    assert union.counts[0][0][1] > before[0][1] * (1 - 1 / 128) - 1e-9
+    assert union.counts[0][1][1] == pytest.approx(before[1][1] * (1 - 1 / 128))
