@@ -16,9 +16,10 @@ This module computes the same function with fewer, larger operations:
 - ``F.rms_norm``; rotary embeddings applied with one precomputed ``cos``/``sin`` pair per forward;
 - attention through ``scaled_dot_product_attention(..., enable_gqa=True)``: no key/value copies.
 
-The cache is the same ``DynamicCache`` the Hugging Face forward uses (keys and values appended by
-``torch.cat`` per layer), so prefill (which keeps the stock forward), `TreeForward.commit` and
-everything reading the cache are unchanged. Outputs differ from the stock forward only by float
+The cache is the same ``DynamicCache`` the Hugging Face forward uses, so prefill (which keeps the
+stock forward), `TreeForward.commit` and everything reading the cache are unchanged; only its
+layers' keys and values are views of buffers with room to grow, written in place (`_append`),
+instead of ``torch.cat``-ed into new tensors every forward. Outputs differ from the stock forward only by float
 summation order (about 1e-5 in the logits), the same kind of difference as between a 1-token and an
 n-token forward; greedy outputs are tested token for token against ``model.generate``
 (tests/test_fastpath.py).
@@ -256,7 +257,7 @@ class FastForward:
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
             q, k = qk[:nh], qk[nh:]
             v = proj[:, self.q_size + self.kv_size:].view(n, nkv, hd).transpose(0, 1)
-            keys, values = cache.update(k.unsqueeze(0), v.unsqueeze(0), index)
+            keys, values = _append(cache, index, k.unsqueeze(0), v.unsqueeze(0))
             if self.repeat_kv and nh != nkv:  # CUDA's fused kernels take no GQA with a mask
                 keys = keys.repeat_interleave(nh // nkv, dim=1)
                 values = values.repeat_interleave(nh // nkv, dim=1)
@@ -275,6 +276,35 @@ class FastForward:
         if hidden is not None:
             hidden[-1] = h
         return self.head(h), (tuple(hidden) if hidden is not None else None)
+
+
+BUFFER = "_specdec_buffer"
+
+
+def _append(cache, index: int, k: torch.Tensor, v: torch.Tensor):
+    """``cache.update`` without re-copying the whole cache every forward: the layer's keys and
+    values become views of a buffer with room to grow (doubling), and new rows are written in
+    place. A layer whose tensors are not views of its buffer (after the stock prefill, or a
+    commit that copied) is moved into a fresh buffer once."""
+    layer = cache.layers[index]
+    if not layer.is_initialized or not layer.keys.numel():
+        return cache.update(k, v, index)
+    keys, values = layer.keys, layer.values
+    length, n = keys.shape[-2], k.shape[-2]
+    held = getattr(layer, BUFFER, None)
+    if (held is None or keys.data_ptr() != held[0].data_ptr()
+            or values.data_ptr() != held[1].data_ptr() or length + n > held[0].shape[-2]
+            or keys.stride() != held[0].stride() or values.stride() != held[1].stride()):
+        capacity = length + n + max(length + n, 256)
+        held = tuple(t.new_empty(*t.shape[:-2], capacity, t.shape[-1]) for t in (keys, values))
+        held[0][..., :length, :].copy_(keys)
+        held[1][..., :length, :].copy_(values)
+        setattr(layer, BUFFER, held)
+    held[0][..., length: length + n, :].copy_(k)
+    held[1][..., length: length + n, :].copy_(v)
+    layer.keys = held[0][..., : length + n, :]
+    layer.values = held[1][..., : length + n, :]
+    return layer.keys, layer.values
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

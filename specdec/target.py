@@ -163,8 +163,14 @@ class TreeForward:
     def commit(self, keep: list[int]) -> None:
         """Keep cache indices ``keep`` (ascending), drop the rest, and mark all kept as committed."""
         if keep != list(range(self.length)):
-            is_prefix = keep == list(range(len(keep)))
-            index = None if is_prefix else torch.tensor(keep, dtype=torch.long, device=self.device)
+            # keep = an unchanged prefix (the committed tokens and the accepted path's first
+            # nodes when they come first) + a tail moved down into place: only the tail's rows
+            # are copied, the rest stays where it is (a view), whatever the context length
+            prefix = 0
+            while prefix < len(keep) and keep[prefix] == prefix:
+                prefix += 1
+            tail = keep[prefix:]
+            index = torch.tensor(tail, dtype=torch.long, device=self.device) if tail else None
             for layer in self.cache.layers:
                 if type(layer) is not DynamicLayer:
                     raise NotImplementedError(
@@ -173,12 +179,13 @@ class TreeForward:
                     )
                 if not layer.is_initialized or not layer.keys.numel():
                     continue
-                if is_prefix:  # a view, no copy
-                    layer.keys = layer.keys[..., : len(keep), :]
-                    layer.values = layer.values[..., : len(keep), :]
-                else:
-                    layer.keys = layer.keys.index_select(-2, index)
-                    layer.values = layer.values.index_select(-2, index)
+                if index is not None:  # tail rows sit after position `prefix`: read, then write
+                    for name in ("keys", "values"):
+                        cached = getattr(layer, name)
+                        moved = cached.index_select(-2, index)
+                        cached[..., prefix: len(keep), :].copy_(moved)
+                layer.keys = layer.keys[..., : len(keep), :]
+                layer.values = layer.values[..., : len(keep), :]
         self.cached_positions = [self.cached_positions[i] for i in keep]
         self.base = len(keep)
         self._spec_lineage = []

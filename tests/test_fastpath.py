@@ -197,3 +197,27 @@ def test_no_drafter_decodes_one_token_per_step(embedded):
     assert out.stats.steps == len(out.new_token_ids) == 12
     assert out.new_token_ids == model.generate(ids, max_new_tokens=12, do_sample=False)[
         0, ids.shape[1]:].tolist()
+
+
+def test_cache_rows_are_written_in_place_and_commits_copy_only_the_moved_rows():
+    model = tiny_model("llama", scale=3.0)
+    stock, fast = pair(model, hidden=False)
+    for fwd in (stock, fast):
+        fwd.prefill(torch.tensor([3, 1, 4, 1, 5, 9, 2, 6]))
+    pointers = set()
+    rng = random.Random(7)
+    root = 5
+    for step in range(20):
+        tree = DraftTree([rng.randrange(96) for _ in range(5)], [-1, 0, -1, 2, 3])
+        outs = [fwd.verify(root, tree) for fwd in (stock, fast)]
+        assert_same_outputs(*outs)
+        accepted = [2, 3] if step % 2 else [0, 1]  # a second branch: rows move down
+        for fwd in (stock, fast):
+            fwd.commit_path(accepted)
+        pointers.add(fast.cache.layers[0].keys.data_ptr())
+        root = rng.randrange(96)
+    # one buffer per layer after the first move (grown once at most), not one tensor per step
+    assert len(pointers) <= 2
+    for a, b in zip(stock.cache.layers, fast.cache.layers):
+        torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=0)
