@@ -43,14 +43,44 @@ class NgramIndex:
         self._indexed = max(self._indexed, len(self.tokens))
 
 
+def read_token_corpus(path) -> list[list[int]]:
+    """Token-id documents from a JSON-lines file, one ``{"tokens": [ids...]}`` object per line
+    (the ``*-answers.jsonl`` that ``specdec train --self-distill`` writes beside its features
+    is one: the target's own greedy answers, a REST datastore in the target's own words)."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"corpus_file {file} does not exist: give a JSON-lines file with "
+                                f'one {{"tokens": [...]}} object per line')
+    documents = []
+    with open(file) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                tokens = json.loads(line)["tokens"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{file}:{number} is not a JSON object with a \"tokens\" list "
+                                 f"({err})") from err
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0
+                                                       for t in tokens):
+                raise ValueError(f"{file}:{number}: \"tokens\" must be a list of token ids >= 0")
+            documents.append(tokens)
+    return documents
+
+
 class NgramTrieDrafter(DrafterBase):
     def __init__(self, node_budget: int = 12, max_depth: int = 8, max_ngram: int = 4,
                  min_ngram: int = 2, max_occurrences: int = 32,
-                 corpus: Sequence[Sequence[int]] | None = None):
+                 corpus: Sequence[Sequence[int]] | None = None, corpus_file: str | None = None):
         if node_budget < 1 or max_depth < 1 or not 1 <= min_ngram <= max_ngram:
             raise ValueError(
                 "need node_budget >= 1, max_depth >= 1 and 1 <= min_ngram <= max_ngram"
             )
+        if corpus_file is not None:
+            corpus = list(corpus or ()) + read_token_corpus(corpus_file)
         self.node_budget = node_budget
         self.max_depth = max_depth
         self.max_ngram = max_ngram

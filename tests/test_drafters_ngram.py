@@ -54,6 +54,25 @@ def test_trie_uses_an_external_corpus_and_checks_its_vocabulary():
         bad.begin(state_of([1, 2]))
 
 
+def test_trie_reads_a_token_corpus_file_and_rejects_bad_ones(tmp_path):
+    good = tmp_path / "answers.jsonl"
+    good.write_text('{"tokens": [40, 41, 42, 43, 44]}\n\n{"index": 1, "tokens": [7, 8]}\n')
+    trie = drafters.get("trie", corpus_file=str(good), node_budget=8, max_depth=4)
+    state = state_of([3, 40, 41])
+    trie.begin(state)
+    assert trie.propose(state).tokens == [42, 43, 44]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        drafters.get("trie", corpus_file=str(tmp_path / "missing.jsonl"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"tokens": [1, 2]}\n{"text": "no tokens here"}\n')
+    with pytest.raises(ValueError, match="broken.jsonl:2 is not a JSON object"):
+        drafters.get("trie", corpus_file=str(broken))
+    negative = tmp_path / "negative.jsonl"
+    negative.write_text('{"tokens": [1, -2]}\n')
+    with pytest.raises(ValueError, match="list of token ids"):
+        drafters.get("trie", corpus_file=str(negative))
+
+
 def test_bad_drafter_settings():
     with pytest.raises(ValueError, match="num_draft_tokens >= 1"):
         drafters.get("pld", num_draft_tokens=0)
