@@ -211,7 +211,7 @@ class HydraDrafter(DrafterBase):
             top = torch.topk(draft_logits.float().softmax(-1), width, -1)  # [P, width]
             ranked, top_probs = top.indices, top.values.tolist()
             row_of = {p: i for i, p in enumerate(above)}
-            if self.with_draft_probs:
+            if self.with_draft_probs and not state.sampling.greedy:
                 for p, row in row_of.items():
                     draft_probs[node_of[p]] = draft_probs_on_target(
                         draft_logits[row], draft_to_target, state.vocab_size, state)

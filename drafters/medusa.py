@@ -144,7 +144,8 @@ class MedusaDrafter(DrafterBase):
             prob = float(top[len(p) - 1].values[p[-1]])
             scores.append(prob * (scores[parent] if parent >= 0 else 1.0))
         draft_probs = {}
-        if self.with_draft_probs:
+        # greedy verification never reads draft distributions (as EAGLE and Falcon skip them)
+        if self.with_draft_probs and not state.sampling.greedy:
             per_depth = {}
             for node, p in [(-1, ())] + list(enumerate(paths)):
                 d = len(p)  # the children of a depth-d node come from head d + 1

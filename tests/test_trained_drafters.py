@@ -286,6 +286,23 @@ def test_head_trees_carry_path_scores(trained, target, kind):
     assert any(p >= 0 and scores[i] < scores[p] for i, p in enumerate(parents))
 
 
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_head_drafters_give_draft_distributions_only_when_sampling(trained, target, kind):
+    """Greedy verification never reads them (each is a full-vocabulary tensor per parent)."""
+    import dataclasses
+
+    from specdec.sampling import SamplingConfig
+    _, _, folder = trained[kind]
+    drafter = drafter_for(kind, folder)
+    greedy = state_for(target, [5, 17, 3, 40, 22])
+    drafter.begin(greedy)
+    assert drafter.propose(greedy).draft_probs == {}
+    sampled = dataclasses.replace(greedy, sampling=SamplingConfig(1.0))
+    tree = drafter.propose(sampled)
+    assert -1 in tree.draft_probs and all(
+        torch.isclose(q.sum(), torch.tensor(1.0)) for q in tree.draft_probs.values())
+
+
 @pytest.mark.parametrize("hint", [0, 2])
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_head_drafters_read_the_budget_hint(trained, target, kind, hint):
