@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ENV = "SPECDEC_FASTPATH"
-PACK_MIN = 4  # below this MKL's stock path streams the weights as fast (measured, bench_fastpath)
+PACK_MIN = 4  # below this MKL's stock path streams the weights as fast (benchmarks/bench_gemm.py)
 PACK_MAX = 12  # above this the packed product is slower than the stock one on this CPU
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 AUTO_MAX_BYTES = 4 << 30  # "auto" declines when the fused and packed copies would take more
@@ -168,14 +168,7 @@ class FastForward:
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
-        weight = head.weight
-        if pack is None:
-            pack = (weight.device.type == "cpu" and weight.dtype == torch.float32
-                    and _mkl_available())
-        if pack and not packing_works(layers[0].self_attn.o_proj.weight.detach()):
-            pack = False
-        self.pack = pack
-        self.repeat_kv = weight.device.type != "cpu"
+        self.want_pack = pack  # None: wherever it works (decided per build: weights can move)
         self._stamp = None
         self._build()
 
@@ -194,7 +187,18 @@ class FastForward:
         return False
 
     def _build(self) -> None:
-        pack = self.pack
+        weight = self.head_module.weight
+        pack = self.want_pack
+        packable = (weight.device.type == "cpu" and weight.dtype == torch.float32
+                    and _mkl_available())
+        if pack is None:
+            pack = packable
+        elif pack and not packable:
+            raise ValueError("MKL packing needs float32 weights on CPU and PyTorch built with MKL")
+        if pack and not packing_works(self.inner.layers[0].self_attn.o_proj.weight.detach()):
+            pack = False
+        self.pack = pack
+        self.repeat_kv = weight.device.type != "cpu"
         self.layers = []
         with torch.no_grad():
             for layer in self.inner.layers:

@@ -221,3 +221,16 @@ def test_cache_rows_are_written_in_place_and_commits_copy_only_the_moved_rows():
     for a, b in zip(stock.cache.layers, fast.cache.layers):
         torch.testing.assert_close(b.keys, a.keys, atol=1e-5, rtol=0)
         torch.testing.assert_close(b.values, a.values, atol=1e-5, rtol=0)
+
+
+def test_decisions_follow_the_weights_when_they_change_dtype():
+    """Packing is decided per build: a model cast after the copies were made is rebuilt without
+    it (MKL packs float32 only) and still matches the stock forward."""
+    model = tiny_model("llama", scale=3.0)
+    fast = fastpath.FastForward(model)
+    assert fast.pack == fastpath._mkl_available()
+    model.to(torch.bfloat16)
+    fast.refresh()
+    assert fast.pack is False and fast.layers[0][1].weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="MKL packing needs float32 weights on CPU"):
+        fastpath.FastForward(model, pack=True)
