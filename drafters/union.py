@@ -61,7 +61,6 @@ def merge_trees(trees: list[DraftTree], unscored: float | list[list[float]] = 0.
             else:
                 rate = rates[min(depths[node], len(rates)) - 1]
                 score = rate if parent == ROOT else min(rate * prior_score[parent], 1.0)
-            if own is None:
                 prior_score[node] = score
             key = (new_parent, token)
             at = index.get(key)

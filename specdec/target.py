@@ -129,14 +129,17 @@ class TreeForward:
                 f"position {max(positions)} is beyond the model's context of {self.max_positions} "
                 f"tokens: shorten the prompt or lower max_new_tokens"
             )
-        mask = torch.zeros(1, 1, n, total, dtype=self.dtype)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        if self.fast is not None and not stock_layout:
-            logits, hidden = self.fast(
-                token_ids.to(self.device), position_ids,
-                None if bool(allowed.all()) else mask.to(self.device), self.cache,
-                output_hidden_states=self.output_hidden_states)
+        fast = self.fast is not None and not stock_layout
+        # the fast forward takes no mask when every token sees everything (a one-token step)
+        mask = None
+        if not (fast and bool(allowed.all())):
+            mask = torch.zeros(1, 1, n, total, dtype=self.dtype)
+            mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+            mask = mask.to(self.device)
+        if fast:
+            logits, hidden = self.fast(token_ids.to(self.device), position_ids, mask, self.cache,
+                                       output_hidden_states=self.output_hidden_states)
             self.cached_positions.extend(positions)
             return TreeOutput(logits, hidden)
         layout = (contextlib.nullcontext() if self.linears is None or stock_layout
@@ -144,7 +147,7 @@ class TreeForward:
         with layout:
             out = self.model(
                 input_ids=token_ids.to(self.device).view(1, n),
-                attention_mask=mask.to(self.device),
+                attention_mask=mask,
                 position_ids=position_ids,
                 past_key_values=self.cache,
                 use_cache=True,
