@@ -193,7 +193,7 @@ class LatencyProfile:
 def profile_key(model, context: int) -> dict:
     """What a latency profile depends on: the model, where and how it runs."""
     from drafters.trained import target_fingerprint
-    from specdec.fastpath import wanted as fast_wanted
+    from specdec.fastpath import kernel_wanted, wanted as fast_wanted
     from specdec.gemm import wanted as gemm_wanted
 
     parameter = next(model.parameters())
@@ -204,7 +204,9 @@ def profile_key(model, context: int) -> dict:
             **target_fingerprint(model), "device": str(parameter.device),
             "dtype": str(parameter.dtype), "threads": torch.get_num_threads(), "context": context,
             # the verify forward (specdec/fastpath.py) or its matrix layout (specdec/gemm.py)
-            **({"forward": "fast"} if fast_wanted(model)
+            # and its weight products (specdec/kernels.py)
+            **({"forward": "fast", **({"kernel": "skinny"} if kernel_wanted(model) else {})}
+               if fast_wanted(model)
                else {"gemm": "transposed"} if gemm_wanted(model) else {})}
 
 

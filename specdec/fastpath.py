@@ -43,6 +43,8 @@ from torch import nn
 ENV = "SPECDEC_FASTPATH"
 PACK_MIN = 4  # below this MKL's stock path streams the weights as fast (benchmarks/bench_gemm.py)
 PACK_MAX = 12  # above this the packed product is slower than the stock one on this CPU
+KERNEL_MIN = 1  # the skinny kernel (specdec/kernels.py) from this many rows...
+KERNEL_MAX = 64  # ...to this many (benchmarks/bench_gemm.py)
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 AUTO_MAX_BYTES = 4 << 30  # "auto" declines when the fused and packed copies would take more
 
@@ -53,18 +55,27 @@ def _mkl_available() -> bool:
 
 
 class FusedLinear:
-    """One weight matrix (rows of several projections concatenated) with an optional MKL-packed
-    copy for products of `PACK_MIN` to `PACK_MAX` rows."""
+    """One weight matrix (rows of several projections concatenated) with either the skinny-GEMM
+    kernel's panels for products of `KERNEL_MIN` to `KERNEL_MAX` rows
+    (specdec/kernels.py) or an MKL-packed copy for `PACK_MIN` to `PACK_MAX` rows."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool,
+                 kernel: bool = False):
         self.weight = weight.contiguous()
         self.bias = bias
         self.packed = None
-        if pack:
+        self.skinny = None
+        if kernel:
+            from specdec.kernels import SkinnyLinear
+
+            self.skinny = SkinnyLinear(self.weight, bias)
+        elif pack:
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, PACK_MAX)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
+        if self.skinny is not None and KERNEL_MIN <= m <= KERNEL_MAX:
+            return self.skinny(x)
         if self.packed is not None and PACK_MIN <= m <= PACK_MAX:
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, m)
         return F.linear(x, self.weight, self.bias)
@@ -95,8 +106,25 @@ def extra_bytes(model: nn.Module) -> int:
                 + size(layer.mlp.up_proj.weight) for layer in layers)
     linear = sum(size(m.weight) for m in model.modules() if type(m) is nn.Linear)
     weight = head.weight
+    # the kernel's panels, or MKL's packed copies: about one more copy of every weight either way
     packed = weight.device.type == "cpu" and weight.dtype == torch.float32 and _mkl_available()
-    return fused + (linear if packed else 0)
+    return fused + (linear if packed or _kernel_usable(weight) else 0)
+
+
+def kernel_wanted(model: nn.Module) -> bool:
+    """Whether the fast path builds ``model``'s products on the skinny kernel by default."""
+    from specdec import kernels
+
+    chain = _attribute_chain(model)
+    return chain is not None and _kernel_usable(chain[2].weight) and kernels.available()
+
+
+def _kernel_usable(weight: torch.Tensor) -> bool:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    from specdec import kernels
+
+    return kernels.enabled()
 
 
 def _attribute_chain(model):
@@ -158,7 +186,7 @@ def _eps(norm: nn.Module) -> float:
 class FastForward:
     """Fused weights of one Llama-family model and its lean forward."""
 
-    def __init__(self, model: nn.Module, pack: bool | None = None):
+    def __init__(self, model: nn.Module, pack: bool | None = None, kernel: bool | None = None):
         reason = supported(model)
         if reason is not None:
             raise ValueError(f"fast path unsupported: {reason}")
@@ -170,6 +198,7 @@ class FastForward:
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.want_pack = pack  # None: wherever it works (decided per build: weights can move)
+        self.want_kernel = kernel  # None: wherever it builds (CPU float32, SPECDEC_KERNEL != 0)
         self._stamp = None
         self._build()
 
@@ -196,6 +225,23 @@ class FastForward:
             pack = packable
         elif pack and not packable:
             raise ValueError("MKL packing needs float32 weights on CPU and PyTorch built with MKL")
+        kernel = self.want_kernel
+        usable = _kernel_usable(weight)
+        if kernel is None:
+            from specdec import kernels
+
+            kernel = usable and kernels.available()
+        elif kernel:
+            from specdec import kernels
+
+            if not usable:
+                raise ValueError("the skinny kernel needs float32 weights on CPU "
+                                 f"(and {kernels.ENV} not 0)")
+            if not kernels.available():
+                raise ValueError(f"the skinny kernel could not be built: {kernels.load_error()}")
+        self.kernel = kernel
+        if kernel:
+            pack = False  # one fast copy of each weight is enough
         if pack and not packing_works(self.inner.layers[0].self_attn.o_proj.weight.detach()):
             pack = False
         self.pack = pack
@@ -206,17 +252,19 @@ class FastForward:
                 attn, mlp = layer.self_attn, layer.mlp
                 projections = (attn.q_proj, attn.k_proj, attn.v_proj)
                 qkv = FusedLinear(torch.cat([p.weight.detach() for p in projections]),
-                                  _cat_bias(*projections), pack)
-                o = FusedLinear(attn.o_proj.weight.detach(), _detached(attn.o_proj.bias), pack)
+                                  _cat_bias(*projections), pack, kernel)
+                o = FusedLinear(attn.o_proj.weight.detach(), _detached(attn.o_proj.bias), pack,
+                                kernel)
                 gate_up = FusedLinear(torch.cat([mlp.gate_proj.weight.detach(),
                                                  mlp.up_proj.weight.detach()]),
-                                      _cat_bias(mlp.gate_proj, mlp.up_proj), pack)
-                down = FusedLinear(mlp.down_proj.weight.detach(), _detached(mlp.down_proj.bias), pack)
+                                      _cat_bias(mlp.gate_proj, mlp.up_proj), pack, kernel)
+                down = FusedLinear(mlp.down_proj.weight.detach(), _detached(mlp.down_proj.bias),
+                                   pack, kernel)
                 self.layers.append((layer, qkv, o, gate_up, down,
                                     _eps(layer.input_layernorm),
                                     _eps(layer.post_attention_layernorm)))
             head = self.head_module
-            self.head = FusedLinear(head.weight.detach(), _detached(head.bias), pack)
+            self.head = FusedLinear(head.weight.detach(), _detached(head.bias), pack, kernel)
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
         self.intermediate = self.layers[0][3].weight.shape[0] // 2

@@ -12,7 +12,7 @@ from torch import nn
 
 import specdec
 from conftest import mt_bench_prompts, tiny_config, tiny_model
-from specdec import fastpath
+from specdec import fastpath, kernels
 from specdec.target import TreeForward
 from specdec.tree import DraftTree
 
@@ -30,9 +30,18 @@ def biased_qwen2():
     return model
 
 
-def pair(model, hidden=True):
-    return (TreeForward(model, fastpath=False, transposed_gemm=False, output_hidden_states=hidden),
-            TreeForward(model, fastpath=True, output_hidden_states=hidden))
+def pair(model, hidden=True, kernel=None):
+    """The stock forward and the fast one (``kernel``: None as built by default, True/False to
+    force the skinny-GEMM kernel on or off)."""
+    stock = TreeForward(model, fastpath=False, transposed_gemm=False, output_hidden_states=hidden)
+    fast = TreeForward(model, fastpath=True, output_hidden_states=hidden)
+    if kernel is not None:
+        fast.fast = fastpath.FastForward(model, kernel=kernel)
+        assert fast.fast.kernel is kernel
+    return stock, fast
+
+
+KERNEL_SETTINGS = [False] + ([True] if kernels.available() else [])
 
 
 def assert_same_outputs(ref, got, atol=1e-5):
@@ -43,17 +52,20 @@ def assert_same_outputs(ref, got, atol=1e-5):
             torch.testing.assert_close(b, a, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", KERNEL_SETTINGS)
 @pytest.mark.parametrize("arch", FAST_ARCHS + ["qwen2-bias"])
-def test_fast_forward_matches_stock_over_many_steps(arch):
+def test_fast_forward_matches_stock_over_many_steps(arch, kernel):
     model = biased_qwen2() if arch == "qwen2-bias" else tiny_model(arch, scale=3.0)
-    stock, fast = pair(model)
+    stock, fast = pair(model, kernel=kernel)
     assert fast.fast is not None and stock.fast is None
     rng = random.Random(arch)
     committed = [rng.randrange(96) for _ in range(9)]
     for fwd in (stock, fast):
         fwd.prefill(torch.tensor(committed[:-1]))
-    for _ in range(12):
-        n = rng.randint(0, 14)  # 1 to 15 rows: the stock, packed and stock-again GEMM ranges
+    for step in range(14):
+        # 1 to 15 rows (the stock, MKL-packed and stock-again ranges), and twice more rows than
+        # the skinny kernel takes (F.linear again)
+        n = rng.randint(0, 14) if step < 12 else fastpath.KERNEL_MAX + rng.randint(0, 8)
         tree = DraftTree([rng.randrange(96) for _ in range(n)],
                          [rng.randint(-1, i - 1) for i in range(n)])
         outs = [fwd.verify(committed[-1], tree) for fwd in (stock, fast)]
@@ -186,7 +198,8 @@ def test_loop_uses_the_fast_path_and_stays_greedy_lossless_on_the_embedded_model
                                                max_new_tokens=48)
             assert out.new_token_ids == want, drafter
     assert built and all(isinstance(f, fastpath.FastForward) for f in built)
-    assert built[0].pack == fastpath._mkl_available()
+    assert built[0].kernel == kernels.available()
+    assert built[0].pack == (fastpath._mkl_available() and not built[0].kernel)
 
 
 def test_no_drafter_decodes_one_token_per_step(embedded):
@@ -227,10 +240,14 @@ def test_decisions_follow_the_weights_when_they_change_dtype():
     """Packing is decided per build: a model cast after the copies were made is rebuilt without
     it (MKL packs float32 only) and still matches the stock forward."""
     model = tiny_model("llama", scale=3.0)
-    fast = fastpath.FastForward(model)
+    fast = fastpath.FastForward(model, kernel=False)
     assert fast.pack == fastpath._mkl_available()
     model.to(torch.bfloat16)
     fast.refresh()
     assert fast.pack is False and fast.layers[0][1].weight.dtype == torch.bfloat16
+    default = fastpath.FastForward(model)
+    assert default.kernel is False  # the kernel is float32 only
+    with pytest.raises(ValueError, match="skinny kernel needs float32 weights on CPU"):
+        fastpath.FastForward(model, kernel=True)
     with pytest.raises(ValueError, match="MKL packing needs float32 weights on CPU"):
         fastpath.FastForward(model, pack=True)

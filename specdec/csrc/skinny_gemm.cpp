@@ -1,0 +1,117 @@
+// Skinny float32 matrix products y = x W^T + b for a few rows of x (the verify forward of a small
+// CPU target: 1 to a few dozen tokens against weights of hundreds of rows), see specdec/kernels.py.
+//
+// W is packed once into panels of 16 output columns, [ceil(N / 16)][K][16], so one panel is one
+// contiguous stream and one 16-float vector per k. Each task takes two panels (32 columns) and
+// up to 8 rows of x at a time: 16 vector accumulators stay in registers for the whole K loop,
+// every loaded weight vector feeds up to 16 fused multiply-adds, and the two panels (K x 32
+// floats) stay in the core's cache while the next 8 rows reuse them. Panels are split across
+// ATen's intra-op threads. Plain GCC vector extensions: the compiler picks the widest vectors the
+// host has (-march=native), so the same source builds for AVX-512, AVX2 or NEON.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+constexpr int64_t kLanes = 16;
+constexpr int kRows = 8;
+constexpr int64_t kPrefetch = 32;  // weight vectors (cache lines) ahead of the loads
+
+template <int R, int C>
+inline void tile(const float* __restrict x, int64_t K, const float* __restrict panels,
+                 float* __restrict y, int64_t N, int64_t panel, const float* __restrict bias) {
+  v16 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = (v16){};
+  const float* w[C];
+  for (int c = 0; c < C; ++c) w[c] = panels + (panel + c) * K * kLanes;
+  for (int64_t k = 0; k < K; ++k) {
+    v16 wv[C];
+    for (int c = 0; c < C; ++c) {
+      __builtin_prefetch(w[c] + (k + kPrefetch) * kLanes);
+      wv[c] = *(const v16*)(w[c] + k * kLanes);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * K + k];
+      for (int c = 0; c < C; ++c) acc[r][c] += xv * wv[c];
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const int64_t col = (panel + c) * kLanes;
+    if (col + kLanes <= N) {
+      v16 b = (v16){};
+      if (bias) b = *(const v16u*)(bias + col);
+      for (int r = 0; r < R; ++r) *(v16u*)(y + r * N + col) = acc[r][c] + b;
+    } else {  // the last, partial panel (N not a multiple of 16; its padding is zeros)
+      for (int r = 0; r < R; ++r)
+        for (int64_t j = 0; col + j < N; ++j)
+          y[r * N + col + j] = acc[r][c][j] + (bias ? bias[col + j] : 0.f);
+    }
+  }
+}
+
+template <int C>
+void rows(int R, const float* x, int64_t K, const float* panels, float* y, int64_t N,
+          int64_t panel, const float* bias) {
+  switch (R) {
+    case 1: tile<1, C>(x, K, panels, y, N, panel, bias); break;
+    case 2: tile<2, C>(x, K, panels, y, N, panel, bias); break;
+    case 3: tile<3, C>(x, K, panels, y, N, panel, bias); break;
+    case 4: tile<4, C>(x, K, panels, y, N, panel, bias); break;
+    case 5: tile<5, C>(x, K, panels, y, N, panel, bias); break;
+    case 6: tile<6, C>(x, K, panels, y, N, panel, bias); break;
+    case 7: tile<7, C>(x, K, panels, y, N, panel, bias); break;
+    default: tile<8, C>(x, K, panels, y, N, panel, bias); break;
+  }
+}
+
+}  // namespace
+
+// x [M, K] float32, panels [P, K, 16] float32 (P = ceil(N / 16)), bias [N] or None -> [M, N]
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias,
+                            int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
+              "skinny_linear: x must be a 2-D float32 CPU tensor");
+  TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == torch::kFloat &&
+                  panels.size(2) == kLanes && panels.is_contiguous(),
+              "skinny_linear: panels must be a contiguous float32 [P, K, 16] tensor");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
+  TORCH_CHECK(panels.size(1) == K, "skinny_linear: x has ", K, " columns, the weight ",
+              panels.size(1));
+  TORCH_CHECK(P * kLanes >= N && (P - 1) * kLanes < N, "skinny_linear: ", P,
+              " panels cannot hold ", N, " outputs");
+  const float* b = nullptr;
+  torch::Tensor bias_c;
+  if (bias.has_value()) {
+    bias_c = bias->contiguous();
+    TORCH_CHECK(bias_c.scalar_type() == torch::kFloat && bias_c.numel() == N,
+                "skinny_linear: bias must be float32 with ", N, " elements");
+    b = bias_c.data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* w = panels.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t pairs = (P + 1) / 2;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(1, (pairs + threads - 1) / threads);
+  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t panel = 2 * pair;
+      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
+        const int R = static_cast<int>(std::min<int64_t>(kRows, M - r0));
+        if (panel + 1 < P)
+          rows<2>(R, xp + r0 * K, K, w, yp + r0 * N, N, panel, b);
+        else
+          rows<1>(R, xp + r0 * K, K, w, yp + r0 * N, N, panel, b);
+      }
+    }
+  });
+  return y;
+}

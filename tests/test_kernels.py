@@ -1,0 +1,108 @@
+"""specdec.kernels: the skinny-GEMM kernel computes F.linear (every row count, partial panels,
+biases, one or two threads), refuses bad input clearly, and can be switched off or fail to build
+without breaking the fast path (which then uses MKL's packed GEMM or F.linear)."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from specdec import fastpath, kernels
+
+needs_kernel = pytest.mark.skipif(not kernels.available(),
+                                  reason=f"kernel not built here: {kernels.load_error()}")
+
+
+def test_pack_lays_out_panels_of_sixteen_columns():
+    weight = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
+    panels = kernels.pack(weight)
+    assert panels.shape == (2, 3, 16)
+    assert torch.equal(panels[0, 1], weight[:16, 1])  # panel 0, k = 1: columns 0-15
+    assert torch.equal(panels[1, 2, :4], weight[16:, 2])
+    assert torch.count_nonzero(panels[1, :, 4:]) == 0  # padding
+    with pytest.raises(ValueError, match="2-D float32 CPU weight"):
+        kernels.pack(weight.double())
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(16, 8), (37, 19), (96, 64), (200, 33), (1000, 576)])
+def test_skinny_linear_equals_f_linear(shape, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(shape[0])
+        weight = torch.randn(*shape, generator=generator)
+        bias = torch.randn(shape[0], generator=generator)
+        for b in (None, bias):
+            layer = kernels.SkinnyLinear(weight, b)
+            for rows in (1, 2, 3, 7, 8, 9, 16, 17, 33, 70):
+                x = torch.randn(rows, shape[1], generator=generator)
+                got = layer(x)
+                assert got.shape == (rows, shape[0]) and got.dtype == torch.float32
+                torch.testing.assert_close(got, F.linear(x, weight, b), atol=1e-4, rtol=1e-5)
+        # a non-contiguous input (a column slice of a wider tensor) is read correctly
+        wide = torch.randn(5, shape[1] * 2, generator=generator)
+        x = wide[:, ::2]
+        torch.testing.assert_close(kernels.SkinnyLinear(weight, None)(x), F.linear(x, weight),
+                                   atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_kernel
+def test_kernel_refuses_mismatched_input():
+    layer = kernels.SkinnyLinear(torch.randn(32, 8), None)
+    with pytest.raises(RuntimeError, match="x has 9 columns, the weight 8"):
+        layer(torch.randn(2, 9))
+    with pytest.raises(RuntimeError, match="2-D float32 CPU tensor"):
+        layer(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="bias must be float32 with 32 elements"):
+        kernels.SkinnyLinear(torch.randn(32, 8), torch.randn(31))(torch.randn(2, 8))
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert not kernels.enabled() and not kernels.available()
+    model = tiny_model("llama", scale=3.0)
+    fast = fastpath.FastForward(model)
+    assert fast.kernel is False and fast.pack == fastpath._mkl_available()
+    assert not fastpath.kernel_wanted(model)
+    with pytest.raises(ValueError, match="skinny kernel needs float32 weights on CPU"):
+        fastpath.FastForward(model, kernel=True)
+    monkeypatch.setenv(kernels.ENV, "yes")
+    with pytest.raises(ValueError, match="SPECDEC_KERNEL must be 0 or 1"):
+        kernels.enabled()
+
+
+def test_a_failed_build_falls_back_and_says_why(monkeypatch):
+    monkeypatch.setattr(kernels, "_state", {})
+
+    def broken():
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(kernels, "_build", broken)
+    assert not kernels.available()
+    assert "no C++ compiler" in kernels.load_error()
+    model = tiny_model("llama", scale=3.0)
+    assert fastpath.FastForward(model).kernel is False
+    with pytest.raises(ValueError, match=re.escape("could not be built: OSError: no C++ compiler")):
+        fastpath.FastForward(model, kernel=True)
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.SkinnyLinear(torch.randn(4, 4), None)
+
+
+@needs_kernel
+def test_fused_linear_routes_rows_to_the_kernel_only_in_its_range(monkeypatch):
+    weight, bias = torch.randn(48, 16), torch.randn(48)
+    layer = fastpath.FusedLinear(weight, bias, pack=True, kernel=True)
+    assert layer.skinny is not None and layer.packed is None  # one fast copy, not two
+    calls = []
+    original = layer.skinny.__call__
+    monkeypatch.setattr(layer, "skinny", lambda x: calls.append(x.shape[0]) or original(x))
+    for rows in (1, fastpath.KERNEL_MAX, fastpath.KERNEL_MAX + 1):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(layer(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    assert calls == [1, fastpath.KERNEL_MAX]
