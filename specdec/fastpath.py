@@ -273,7 +273,34 @@ class FastForward:
             for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                            layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
                            layer.mlp.down_proj)]
+        self.native = None
+        if kernel:
+            self._build_native()
         self._stamp = self._weights_stamp()
+
+    def _build_native(self) -> None:
+        """Arguments of the kernel module's ``decoder_layers`` (the layer loop in one native call;
+        specdec/csrc/cpu_kernels.cpp): per layer its norms' weights (views of the live ones, so
+        in-place changes show; replaced ones are caught by the staleness check), the products'
+        panels and biases (an empty tensor for none), epsilons and attention scale."""
+        from specdec import kernels
+
+        empty = torch.empty(0)
+        weights, eps, scale = [], [], []
+        for layer, qkv, o, gate_up, down, eps1, eps2 in self.layers:
+            for item in (layer.input_layernorm.weight, qkv, o,
+                         layer.post_attention_layernorm.weight, gate_up, down):
+                if isinstance(item, FusedLinear):
+                    weights += [item.skinny.panels,
+                                empty if item.skinny.bias is None else item.skinny.bias]
+                else:
+                    weights.append(item.detach())
+            eps += [eps1, eps2]
+            scale.append(float(layer.self_attn.scaling))
+        self.native = (kernels.native(), weights,
+                       [self.n_heads, self.n_kv, self.head_dim, self.intermediate], eps, scale)
+        self._linears += [norm for layer in self.inner.layers
+                          for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
 
     def refresh(self) -> None:
         """Rebuild the fused copies if a linear weight changed since (training, load_state_dict);
@@ -298,6 +325,22 @@ class FastForward:
         half = hd // 2
         hidden = [x[0]] if output_hidden_states else None
         h = x[0]  # [n, H]
+        layers = cache.layers
+        if (self.native is not None and n <= KERNEL_MAX and len(layers) == len(self.layers)
+                and all(layer.is_initialized and layer.keys.numel() for layer in layers)):
+            module, weights, sizes, eps, scale = self.native
+            past = layers[0].keys.shape[-2]
+            held = [_buffer(layer, n) for layer in layers]
+            outputs = module.decoder_layers(
+                h.contiguous(), cos.contiguous(), sin.contiguous(), mask, weights,
+                [pair[0] for pair in held], [pair[1] for pair in held], past, sizes, eps, scale,
+                output_hidden_states)
+            for layer, (keys, values) in zip(layers, held):
+                layer.keys = keys[..., : past + n, :]
+                layer.values = values[..., : past + n, :]
+            if hidden is not None:
+                hidden += outputs
+            return self._head(outputs[-1], hidden)
         for index, (layer, qkv, o, gate_up, down, eps1, eps2) in enumerate(self.layers):
             normed = _rms_norm(h, layer.input_layernorm.weight, eps1)
             proj = qkv(normed)  # [n, q + 2 kv]
@@ -320,6 +363,9 @@ class FastForward:
             h = h + down(F.silu(gu[:, : self.intermediate]) * gu[:, self.intermediate:])
             if hidden is not None:
                 hidden.append(h)
+        return self._head(h, hidden)
+
+    def _head(self, h: torch.Tensor, hidden: list | None):
         final = self.inner.norm
         h = _rms_norm(h, final.weight, _eps(final))
         if hidden is not None:
@@ -330,16 +376,11 @@ class FastForward:
 BUFFER = "_specdec_buffer"
 
 
-def _append(cache, index: int, k: torch.Tensor, v: torch.Tensor):
-    """``cache.update`` without re-copying the whole cache every forward: the layer's keys and
-    values become views of a buffer with room to grow (doubling), and new rows are written in
-    place. A layer whose tensors are not views of its buffer (after the stock prefill, or a
-    commit that copied) is moved into a fresh buffer once."""
-    layer = cache.layers[index]
-    if not layer.is_initialized or not layer.keys.numel():
-        return cache.update(k, v, index)
+def _buffer(layer, n: int):
+    """The layer's key and value buffers with room for ``n`` more rows (moving its tensors into
+    fresh buffers, with room to grow by doubling, when they are not views of one already)."""
     keys, values = layer.keys, layer.values
-    length, n = keys.shape[-2], k.shape[-2]
+    length = keys.shape[-2]
     held = getattr(layer, BUFFER, None)
     if (held is None or keys.data_ptr() != held[0].data_ptr()
             or values.data_ptr() != held[1].data_ptr() or length + n > held[0].shape[-2]
@@ -349,6 +390,19 @@ def _append(cache, index: int, k: torch.Tensor, v: torch.Tensor):
         held[0][..., :length, :].copy_(keys)
         held[1][..., :length, :].copy_(values)
         setattr(layer, BUFFER, held)
+    return held
+
+
+def _append(cache, index: int, k: torch.Tensor, v: torch.Tensor):
+    """``cache.update`` without re-copying the whole cache every forward: the layer's keys and
+    values become views of a buffer with room to grow (doubling), and new rows are written in
+    place. A layer whose tensors are not views of its buffer (after the stock prefill, or a
+    commit that copied) is moved into a fresh buffer once."""
+    layer = cache.layers[index]
+    if not layer.is_initialized or not layer.keys.numel():
+        return cache.update(k, v, index)
+    length, n = layer.keys.shape[-2], k.shape[-2]
+    held = _buffer(layer, n)
     held[0][..., length: length + n, :].copy_(k)
     held[1][..., length: length + n, :].copy_(v)
     layer.keys = held[0][..., : length + n, :]

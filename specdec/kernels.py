@@ -7,7 +7,7 @@ verify of SmolLM2-135M cost 1.5 one-token steps even on the lean forward. The pr
 by streaming the weights, not by arithmetic, so a kernel that reads each weight once for all rows
 can make 8 rows cost nearly what 1 row does.
 
-`specdec/csrc/skinny_gemm.cpp` does that: the weight is packed once into panels of 16 output
+`specdec/csrc/cpu_kernels.cpp` does that: the weight is packed once into panels of 16 output
 columns ([ceil(N/16), K, 16], one contiguous stream per panel); each task holds 8 rows x 32
 columns of accumulators in vector registers for the whole K loop, so every weight vector loaded
 feeds up to 16 fused multiply-adds; panels are split across ATen's intra-op threads. It is
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 ENV = "SPECDEC_KERNEL"
 LANES = 16
-SOURCE = Path(__file__).with_name("csrc") / "skinny_gemm.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -70,7 +70,7 @@ def _build():
     source = SOURCE.read_text()
     digest = hashlib.sha1(source.encode()).hexdigest()[:10]
     name = f"specdec_skinny_{digest}_{_host_signature()}"
-    module = load_inline(name, cpp_sources=source, functions=["skinny_linear"],
+    module = load_inline(name, cpp_sources=source, functions=["skinny_linear", "decoder_layers"],
                          extra_cflags=["-O3", "-march=native", "-fopenmp"],
                          extra_ldflags=["-fopenmp"], verbose=False)
     _check(module)
@@ -112,6 +112,15 @@ def available() -> bool:
     if not enabled() or platform.system() == "Windows":
         return False
     return _module() is not None
+
+
+def native():
+    """The built extension module (``skinny_linear``, ``decoder_layers``); build only where
+    `available()`."""
+    module = _module()
+    if module is None:
+        raise RuntimeError(f"the CPU kernels are not available: {load_error()}")
+    return module
 
 
 def load_error() -> str | None:

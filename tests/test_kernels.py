@@ -106,3 +106,49 @@ def test_fused_linear_routes_rows_to_the_kernel_only_in_its_range(monkeypatch):
         x = torch.randn(rows, 16)
         torch.testing.assert_close(layer(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
     assert calls == [1, fastpath.KERNEL_MAX]
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["llama", "qwen2-bias", "mistral"])
+def test_native_layer_loop_equals_the_python_loop_exactly(arch, monkeypatch):
+    """decoder_layers runs the same operations as FastForward's Python loop: the same logits,
+    hidden states and cache rows, bit for bit, over trees, single tokens and commits."""
+    import random
+
+    from specdec.target import TreeForward
+    from specdec.tree import DraftTree
+    from test_fastpath import biased_qwen2
+
+    model = biased_qwen2() if arch == "qwen2-bias" else tiny_model(arch, scale=3.0)
+    native = TreeForward(model, fastpath=True, output_hidden_states=True)
+    native.fast = fastpath.FastForward(model, kernel=True)
+    python = TreeForward(model, fastpath=True, output_hidden_states=True)
+    python.fast = fastpath.FastForward(model, kernel=True)
+    python.fast.native = None
+    calls = []
+    module, *rest = native.fast.native
+
+    class Spy:
+        def decoder_layers(self, *args):
+            calls.append(args[0].shape[0])
+            return module.decoder_layers(*args)
+
+    native.fast.native = (Spy(), *rest)
+    rng = random.Random(arch)
+    root = 3
+    for fwd in (native, python):
+        fwd.prefill(torch.tensor([5, 9, 2, 7, 1]))
+    for step in range(10):
+        n = rng.randint(0, 12)
+        tree = DraftTree([rng.randrange(96) for _ in range(n)],
+                         [rng.randint(-1, i - 1) for i in range(n)])
+        a, b = (fwd.verify(root, tree) for fwd in (native, python))
+        assert torch.equal(a.logits, b.logits)
+        assert all(torch.equal(x, y) for x, y in zip(a.hidden_states, b.hidden_states))
+        path = tree.path_to(rng.randrange(n)) if n else []
+        for fwd in (native, python):
+            fwd.commit_path(path)
+        root = rng.randrange(96)
+    assert len(calls) == 10  # every verify went through the native loop
+    for x, y in zip(native.cache.layers, python.cache.layers):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)

@@ -115,3 +115,58 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor panels, c10::optional
   });
   return y;
 }
+
+// The decoder layers of specdec/fastpath.py's lean forward in one native call, for float32 on
+// CPU with every product on skinny_linear: the same ATen operations in the same order as the
+// Python loop (so the same numbers), without ~20 Python-level operator calls per layer.
+//
+// h [n, H] the embedded tokens; cos, sin [n, hd]; mask [1, 1, n, past + n] float or None;
+// weights: per layer 10 tensors in order: input norm weight, q/k/v panels, q/k/v bias, o panels,
+// o bias, post-attention norm weight, gate/up panels, gate/up bias, down panels, down bias (an
+// empty tensor for no bias); keys, values: per layer the cache buffer [1, nkv, capacity, hd];
+// past: the rows already cached in each; sizes: heads, key/value heads, head size, MLP width;
+// eps: the two norms' epsilons per layer; scale: the attention scale per layer.
+// Writes the new keys/values at rows past .. past + n - 1 of each buffer and returns the final
+// hidden state before the model's last norm, plus every layer's output if asked.
+std::vector<torch::Tensor> decoder_layers(
+    torch::Tensor h, torch::Tensor cos, torch::Tensor sin, c10::optional<torch::Tensor> mask,
+    std::vector<torch::Tensor> weights, std::vector<torch::Tensor> keys,
+    std::vector<torch::Tensor> values, int64_t past, std::vector<int64_t> sizes,
+    std::vector<double> eps, std::vector<double> scale, bool all_hidden) {
+  TORCH_CHECK(sizes.size() == 4, "decoder_layers: sizes are heads, kv heads, head size, MLP width");
+  const int64_t nh = sizes[0], nkv = sizes[1], hd = sizes[2], inter = sizes[3];
+  const int64_t layers = static_cast<int64_t>(keys.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 10 * layers && values.size() == keys.size()
+                  && static_cast<int64_t>(eps.size()) == 2 * layers
+                  && static_cast<int64_t>(scale.size()) == layers,
+              "decoder_layers: inconsistent per-layer arguments");
+  const int64_t n = h.size(0), H = h.size(1);
+  const int64_t qs = nh * hd, kvs = nkv * hd, half = hd / 2;
+  auto opt = [](const torch::Tensor& t) -> c10::optional<torch::Tensor> {
+    return t.numel() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+  };
+  auto linear = [&](const torch::Tensor& x, const torch::Tensor& panels, const torch::Tensor& b,
+                    int64_t out) { return skinny_linear(x, panels, opt(b), out); };
+  std::vector<torch::Tensor> out;
+  for (int64_t i = 0; i < layers; ++i) {
+    const torch::Tensor* w = &weights[10 * i];
+    auto normed = at::rms_norm(h, {H}, w[0], eps[2 * i]);
+    auto proj = linear(normed, w[1], w[2], qs + 2 * kvs);
+    auto qk = proj.slice(1, 0, qs + kvs).view({n, nh + nkv, hd}).transpose(0, 1);
+    qk = qk * cos + at::cat({-qk.slice(2, half), qk.slice(2, 0, half)}, -1) * sin;
+    auto q = qk.slice(0, 0, nh), k = qk.slice(0, nh);
+    auto v = proj.slice(1, qs + kvs).view({n, nkv, hd}).transpose(0, 1);
+    keys[i].select(0, 0).slice(1, past, past + n).copy_(k);
+    values[i].select(0, 0).slice(1, past, past + n).copy_(v);
+    auto K = keys[i].slice(2, 0, past + n), V = values[i].slice(2, 0, past + n);
+    auto attn = at::scaled_dot_product_attention(q.unsqueeze(0), K, V, mask, 0.0, false,
+                                                 scale[i], nh != nkv);
+    h = h + linear(attn.select(0, 0).transpose(0, 1).reshape({n, qs}), w[3], w[4], H);
+    normed = at::rms_norm(h, {H}, w[5], eps[2 * i + 1]);
+    auto gu = linear(normed, w[6], w[7], 2 * inter);
+    h = h + linear(at::silu(gu.slice(1, 0, inter)) * gu.slice(1, inter), w[8], w[9], H);
+    if (all_hidden) out.push_back(h);
+  }
+  if (!all_hidden) out.push_back(h);
+  return out;
+}
