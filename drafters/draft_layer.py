@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from specdec import kernels
+
 
 def rope_base(config) -> float:
     """The target's rotary base (transformers 5 keeps it in ``rope_parameters``)."""
@@ -42,9 +44,14 @@ class RMSNorm(nn.Module):
 def fast_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where the device multiplies it natively (a drafter's small matrix products are
     memory-bound: bf16 weights halve the traffic, ~4x faster on AVX512-BF16 CPUs), else float32.
-    A drafter's precision never affects losslessness, only how often it is right."""
+    On CPU with the skinny float32 kernel built (specdec/kernels.py) float32: the kernel's
+    products of a few rows beat oneDNN's bf16 ones there (benchmarks/bench_trained.py, EAGLE-2's
+    draft share 34% -> see docs/drafters.md). A drafter's precision never affects losslessness,
+    only how often it is right."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and kernels.available():
+        return torch.float32
     if device.type == "cpu":
         try:
             return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
@@ -90,7 +97,8 @@ class DraftDecoderLayer(nn.Module):
 
         Returns (out [B, n, H], keys [B, n, h, d], values [B, n, h, d]) of the n new rows."""
         batch, n, hidden = x.shape
-        q, k, v = self.qkv(self.input_norm(x)).view(batch, n, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = kernels.linear(self.input_norm(x), self.qkv.weight).view(
+            batch, n, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = self._rope(q, positions), self._rope(k, positions)
         keys = k if past_keys is None else torch.cat([past_keys, k], 1)
         values = v if past_values is None else torch.cat([past_values, v], 1)
@@ -98,6 +106,7 @@ class DraftDecoderLayer(nn.Module):
         attn = nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=mask[:, None].to(x.device))  # [B, h, n, d]
-        h = x + self.o_proj(attn.transpose(1, 2).reshape(batch, n, hidden))
-        gate, up = self.gate_up(self.post_norm(h)).chunk(2, -1)
-        return h + self.down(nn.functional.silu(gate) * up), k, v
+        # kernels.linear: the skinny CPU kernel for float32 inference, else F.linear
+        h = x + kernels.linear(attn.transpose(1, 2).reshape(batch, n, hidden), self.o_proj.weight)
+        gate, up = kernels.linear(self.post_norm(h), self.gate_up.weight).chunk(2, -1)
+        return h + kernels.linear(nn.functional.silu(gate) * up, self.down.weight), k, v

@@ -48,6 +48,7 @@ from drafters.base import DrafterBase
 from drafters.draft_layer import DraftDecoderLayer, RMSNorm, fast_dtype, rope_base
 from drafters.medusa import DEFAULT_TREE, draft_probs_on_target
 from drafters.trained import TrainedModule, distillation_loss, draft_head_weight, rank_tree_children
+from specdec import kernels
 from specdec.state import DecodingState
 from specdec.tree import DraftTree
 
@@ -111,12 +112,12 @@ class EagleModule(TrainedModule):
     def step(self, features: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
              allowed: torch.Tensor, past_keys=None, past_values=None):
         """features [B, n, H], next_tokens [B, n] -> (a [B, n, H], keys, values)."""
-        x = self.fc(torch.cat([features, self.embed_weight[next_tokens]], -1))
+        x = kernels.linear(torch.cat([features, self.embed_weight[next_tokens]], -1), self.fc.weight)
         return self.layer(x, positions, allowed, past_keys, past_values)
 
     def logits(self, a: torch.Tensor) -> torch.Tensor:
         """[..., H] -> draft logits [..., Vd]."""
-        return (a if self.out_norm is None else self.out_norm(a)) @ self.head_weight.T
+        return kernels.linear(a if self.out_norm is None else self.out_norm(a), self.head_weight)
 
     # ------------------------------------------------------------------ training
     def unroll(self, u0: torch.Tensor, next_tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:

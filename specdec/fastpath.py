@@ -203,14 +203,16 @@ class FastForward:
         self._build()
 
     def _weights_stamp(self):
-        # the linear weights the copies were made from: replaced (``module.weight = ...``,
-        # ``load_state_dict(assign=True)``), moved or modified in place (a training step)
-        return [(module.weight, module.weight.data_ptr(), module.weight._version)
-                for module in self._linears]
+        # the linear weights the copies were made from (and the norms' weights the native loop
+        # holds views of): replaced (``module.weight = ...``, ``load_state_dict(assign=True)``),
+        # moved or modified in place (a training step). Read through each module's parameter
+        # dict: nn.Module attribute access costs microseconds, and this runs every forward.
+        return [(module._parameters, module.weight, module.weight.data_ptr(),
+                 module.weight._version) for module in self._linears]
 
     def _stale(self) -> bool:
-        for module, (weight, pointer, version) in zip(self._linears, self._stamp):
-            current = module.weight
+        for parameters, weight, pointer, version in self._stamp:
+            current = parameters.get("weight")
             if current is not weight or current._version != version \
                     or current.data_ptr() != pointer:
                 return True

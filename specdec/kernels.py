@@ -31,6 +31,7 @@ import hashlib
 import os
 import platform
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -154,3 +155,33 @@ class SkinnyLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module.skinny_linear(x, self.panels, self.bias, self.n_out)
+
+
+# id(weight) -> (weakref to the weight, (data pointer, version), panels); tensors compare
+# elementwise, so they cannot be the keys of a WeakKeyDictionary
+_PANELS: dict[int, tuple] = {}
+LINEAR_MAX_ROWS = 64  # kernels.linear's range; above it F.linear (MKL's blocked GEMM)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the kernel when it pays and changes nothing else:
+    float32 on CPU, no autograd, 1 to `LINEAR_MAX_ROWS` rows (x [..., K] flattened). The weight's
+    panels are made on first use and cached beside it (remade when the weight is modified in
+    place or moved). For drafters' small inference products (drafters/draft_layer.py)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+            or not 1 <= rows <= LINEAR_MAX_ROWS
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or not available()):
+        return F.linear(x, weight, bias)
+    stamp = (weight.data_ptr(), weight._version)
+    key = id(weight)
+    held = _PANELS.get(key)
+    if held is None or held[0]() is not weight or held[1] != stamp:
+        ref = weakref.ref(weight, lambda _, key=key: _PANELS.pop(key, None))
+        held = _PANELS[key] = (ref, stamp, pack(weight.detach()))
+    b = None if bias is None else bias.detach()
+    out = _state["module"].skinny_linear(x.reshape(rows, x.shape[-1]), held[2], b,
+                                         int(weight.shape[0]))
+    return out.view(*x.shape[:-1], weight.shape[0])

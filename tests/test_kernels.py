@@ -152,3 +152,24 @@ def test_native_layer_loop_equals_the_python_loop_exactly(arch, monkeypatch):
     assert len(calls) == 10  # every verify went through the native loop
     for x, y in zip(native.cache.layers, python.cache.layers):
         assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+
+
+def test_kernels_linear_equals_f_linear_and_follows_weight_changes():
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 24, generator=generator)
+    for shape in ((1, 24), (3, 5, 24), (kernels.LINEAR_MAX_ROWS + 1, 24)):
+        x = torch.randn(*shape, generator=generator)
+        with torch.no_grad():
+            torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight),
+                                       atol=1e-4, rtol=1e-5)
+    x = torch.randn(2, 24, generator=generator)
+    with torch.no_grad():
+        weight.mul_(-2)  # in place: the cached panels must be remade
+        torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight),
+                                   atol=1e-4, rtol=1e-5)
+    # autograd and other dtypes take F.linear (gradients flow)
+    trained = torch.randn(40, 24, requires_grad=True)
+    kernels.linear(x, trained).sum().backward()
+    assert trained.grad is not None
+    half = kernels.linear(x.bfloat16(), weight.bfloat16())
+    assert half.dtype == torch.bfloat16
