@@ -10,19 +10,23 @@ This module computes the same function with fewer, larger operations:
 
 - q/k/v projections fused into one matrix product, gate/up into another (one weight each, the
   rows concatenated; every output element is the same dot product as before);
-- on CPU float32 with MKL, products of 4 to `PACK_MAX` rows use MKL's packed-weight GEMM
-  (``torch.ops.mkl._mkl_linear`` over weights packed once by ``_mkl_reorder_linear_weight``),
-  which streams the weights faster for skinny inputs than the stock ``x @ W^T`` path;
+- on CPU float32, products of 1 to `KERNEL_MAX` rows use the skinny-GEMM kernel
+  (specdec/kernels.py: weights packed once into 16-column panels, read once for all rows), and
+  the decoder-layer loop runs as one native call (``decoder_layers``, the same ATen operations as
+  the Python loop below, bit-identical to it) instead of ~20 Python-level calls per layer;
+- where the kernel cannot be built (or ``SPECDEC_KERNEL=0``), on CPU float32 with MKL, products
+  of 4 to `PACK_MAX` rows use MKL's packed-weight GEMM (``torch.ops.mkl._mkl_linear`` over
+  weights packed once by ``_mkl_reorder_linear_weight``);
 - ``F.rms_norm``; rotary embeddings applied with one precomputed ``cos``/``sin`` pair per forward;
 - attention through ``scaled_dot_product_attention(..., enable_gqa=True)``: no key/value copies.
 
 The cache is the same ``DynamicCache`` the Hugging Face forward uses, so prefill (which keeps the
 stock forward), `TreeForward.commit` and everything reading the cache are unchanged; only its
 layers' keys and values are views of buffers with room to grow, written in place (`_append`),
-instead of ``torch.cat``-ed into new tensors every forward. Without the packed products the
-logits are bit-identical to the stock forward's on the embedded model; with them they differ by
-float summation order only (about 4e-5 in the logits), the same kind of difference as between a
-1-token and an n-token forward; greedy outputs are tested token for token against
+instead of ``torch.cat``-ed into new tensors every forward. Without the packed products or the
+kernel the logits are bit-identical to the stock forward's on the embedded model; with them they
+differ by float summation order only (about 1e-5 to 1e-4 in the logits), the same kind of
+difference as between a 1-token and an n-token forward; greedy outputs are tested token for token against
 ``model.generate`` (tests/test_fastpath.py).
 
 `supported(model)` says whether a model qualifies: a ``LlamaForCausalLM``-shaped module tree (decoder

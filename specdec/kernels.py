@@ -1,4 +1,5 @@
-"""A float32 CPU kernel for skinny matrix products: the weight products of a verify forward.
+"""Native CPU code for small forwards: a float32 kernel for skinny matrix products (the weight
+products of a verify forward) and the lean forward's decoder-layer loop in one call.
 
 Why: a tree verify multiplies a handful of token rows (1 to a few dozen) by every weight matrix of
 the target. MKL's GEMM is tuned for large products; for 4 to 16 rows on this project's 2-core
@@ -14,6 +15,12 @@ feeds up to 16 fused multiply-adds; panels are split across ATen's intra-op thre
 compiled on first use with ``torch.utils.cpp_extension.load_inline`` for the host CPU
 (``-O3 -march=native -fopenmp``; the build directory is keyed by the source and the host's CPU
 flags, so a home directory shared between machines never runs a binary built for another CPU).
+
+The same extension holds ``decoder_layers``: specdec/fastpath.py's layer loop (norms, fused
+products on the kernel, rotary embeddings, in-place cache rows, ``scaled_dot_product_attention``,
+SwiGLU) as one native call, the same ATen operations in the same order as the Python loop, so it
+computes the same numbers without ~20 Python-level operator calls per layer. `linear` offers the
+kernel to drafters' own small products (drafters/draft_layer.py).
 
 Numerics: each output is the same dot product in float32, summed in a different order than MKL's
 (differences of about 1e-6 relative, the kind a 1-token and an n-token product already differ
