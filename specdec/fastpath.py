@@ -44,11 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specdec import kernels
+
 ENV = "SPECDEC_FASTPATH"
 PACK_MIN = 4  # below this MKL's stock path streams the weights as fast (benchmarks/bench_gemm.py)
 PACK_MAX = 12  # above this the packed product is slower than the stock one on this CPU
 KERNEL_MIN = 1  # the skinny kernel (specdec/kernels.py) from this many rows...
-KERNEL_MAX = 64  # ...to this many (benchmarks/bench_gemm.py)
+KERNEL_MAX = kernels.MAX_ROWS  # ...to this many (benchmarks/bench_gemm.py)
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 AUTO_MAX_BYTES = 4 << 30  # "auto" declines when the fused and packed copies would take more
 
@@ -70,9 +72,7 @@ class FusedLinear:
         self.packed = None
         self.skinny = None
         if kernel:
-            from specdec.kernels import SkinnyLinear
-
-            self.skinny = SkinnyLinear(self.weight, bias)
+            self.skinny = kernels.SkinnyLinear(self.weight, bias)
         elif pack:
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, PACK_MAX)
 
@@ -117,18 +117,17 @@ def extra_bytes(model: nn.Module) -> int:
 
 def kernel_wanted(model: nn.Module) -> bool:
     """Whether the fast path builds ``model``'s products on the skinny kernel by default."""
-    from specdec import kernels
-
     chain = _attribute_chain(model)
-    return chain is not None and _kernel_usable(chain[2].weight) and kernels.available()
+    return chain is not None and _kernel_default(chain[2].weight)
 
 
 def _kernel_usable(weight: torch.Tensor) -> bool:
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return False
-    from specdec import kernels
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and kernels.enabled()
 
-    return kernels.enabled()
+
+def _kernel_default(weight: torch.Tensor) -> bool:
+    """The "auto" choice: usable for these weights and built for this host."""
+    return _kernel_usable(weight) and kernels.available()
 
 
 def _attribute_chain(model):
@@ -212,7 +211,7 @@ class FastForward:
         # moved or modified in place (a training step). Read through each module's parameter
         # dict: nn.Module attribute access costs microseconds, and this runs every forward.
         return [(module._parameters, module.weight, module.weight.data_ptr(),
-                 module.weight._version) for module in self._linears]
+                 module.weight._version) for module in self._watched]
 
     def _stale(self) -> bool:
         for parameters, weight, pointer, version in self._stamp:
@@ -232,15 +231,10 @@ class FastForward:
         elif pack and not packable:
             raise ValueError("MKL packing needs float32 weights on CPU and PyTorch built with MKL")
         kernel = self.want_kernel
-        usable = _kernel_usable(weight)
         if kernel is None:
-            from specdec import kernels
-
-            kernel = usable and kernels.available()
+            kernel = _kernel_default(weight)
         elif kernel:
-            from specdec import kernels
-
-            if not usable:
+            if not _kernel_usable(weight):
                 raise ValueError("the skinny kernel needs float32 weights on CPU "
                                  f"(and {kernels.ENV} not 0)")
             if not kernels.available():
@@ -274,7 +268,7 @@ class FastForward:
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
         self.intermediate = self.layers[0][3].weight.shape[0] // 2
-        self._linears = [self.head_module] + [
+        self._watched = [self.head_module] + [
             module for layer in self.inner.layers
             for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                            layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
@@ -289,8 +283,6 @@ class FastForward:
         specdec/csrc/cpu_kernels.cpp): per layer its norms' weights (views of the live ones, so
         in-place changes show; replaced ones are caught by the staleness check), the products'
         panels and biases (an empty tensor for none), epsilons and attention scale."""
-        from specdec import kernels
-
         empty = torch.empty(0)
         weights, eps, scale = [], [], []
         for layer, qkv, o, gate_up, down, eps1, eps2 in self.layers:
@@ -305,7 +297,7 @@ class FastForward:
             scale.append(float(layer.self_attn.scaling))
         self.native = (kernels.native(), weights,
                        [self.n_heads, self.n_kv, self.head_dim, self.intermediate], eps, scale)
-        self._linears += [norm for layer in self.inner.layers
+        self._watched += [norm for layer in self.inner.layers
                           for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
 
     def refresh(self) -> None:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 ENV = "SPECDEC_KERNEL"
 LANES = 16
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+MAX_ROWS = 64  # the kernel is used for 1 to this many rows; above, F.linear (MKL's blocked GEMM)
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -116,7 +117,7 @@ def _module():
 
 def available() -> bool:
     """Whether the kernel is on (`SPECDEC_KERNEL` not 0) and built for this host (compiled on
-    the first call, about a minute; cached by torch's extension directory afterwards)."""
+    the first call, about 30 s here; cached by torch's extension directory afterwards)."""
     if not enabled() or platform.system() == "Windows":
         return False
     return _module() is not None
@@ -153,9 +154,7 @@ class SkinnyLinear:
     to a few dozen). Build only where `available()`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.module = _module()
-        if self.module is None:
-            raise RuntimeError(f"the skinny-GEMM kernel is not available: {load_error()}")
+        self.module = native()
         self.n_out = int(weight.shape[0])
         self.panels = pack(weight.detach())
         self.bias = None if bias is None else bias.detach().float().contiguous()
@@ -167,18 +166,17 @@ class SkinnyLinear:
 # id(weight) -> (weakref to the weight, (data pointer, version), panels); tensors compare
 # elementwise, so they cannot be the keys of a WeakKeyDictionary
 _PANELS: dict[int, tuple] = {}
-LINEAR_MAX_ROWS = 64  # kernels.linear's range; above it F.linear (MKL's blocked GEMM)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the kernel when it pays and changes nothing else:
-    float32 on CPU, no autograd, 1 to `LINEAR_MAX_ROWS` rows (x [..., K] flattened). The weight's
+    float32 on CPU, no autograd, 1 to `MAX_ROWS` rows (x [..., K] flattened). The weight's
     panels are made on first use and cached beside it (remade when the weight is modified in
     place or moved). For drafters' small inference products (drafters/draft_layer.py)."""
     rows = x.numel() // max(1, x.shape[-1])
     if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
-            or not 1 <= rows <= LINEAR_MAX_ROWS
+            or not 1 <= rows <= MAX_ROWS
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or not available()):
         return F.linear(x, weight, bias)
@@ -189,6 +187,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         ref = weakref.ref(weight, lambda _, key=key: _PANELS.pop(key, None))
         held = _PANELS[key] = (ref, stamp, pack(weight.detach()))
     b = None if bias is None else bias.detach()
-    out = _state["module"].skinny_linear(x.reshape(rows, x.shape[-1]), held[2], b,
+    out = native().skinny_linear(x.reshape(rows, x.shape[-1]), held[2], b,
                                          int(weight.shape[0]))
     return out.view(*x.shape[:-1], weight.shape[0])
