@@ -194,6 +194,7 @@ def profile_key(model, context: int) -> dict:
     """What a latency profile depends on: the model, where and how it runs."""
     from drafters.trained import target_fingerprint
     from specdec.fastpath import kernel_wanted, wanted as fast_wanted
+    from specdec import kernels
     from specdec.gemm import wanted as gemm_wanted
 
     parameter = next(model.parameters())
@@ -205,7 +206,8 @@ def profile_key(model, context: int) -> dict:
             "dtype": str(parameter.dtype), "threads": torch.get_num_threads(), "context": context,
             # the verify forward (specdec/fastpath.py) or its matrix layout (specdec/gemm.py)
             # and its weight products (specdec/kernels.py)
-            **({"forward": "fast", **({"kernel": "skinny"} if kernel_wanted(model) else {})}
+            **({"forward": "fast", **({"kernel": f"skinny-{kernels.build_id()}"}
+                                     if kernel_wanted(model) else {})}
                if fast_wanted(model)
                else {"gemm": "transposed"} if gemm_wanted(model) else {})}
 

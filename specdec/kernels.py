@@ -73,13 +73,19 @@ def enabled() -> bool:
     return env != "0"
 
 
+def build_id() -> str:
+    """Which build this host gets: the kernel source's hash and the host CPU's signature (also the
+    build directory's name), so what is measured with one build (a latency profile) is not
+    reused with another."""
+    digest = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+    return f"{digest}_{_host_signature()}"
+
+
 def _build():
     from torch.utils.cpp_extension import load_inline
 
-    source = SOURCE.read_text()
-    digest = hashlib.sha1(source.encode()).hexdigest()[:10]
-    name = f"specdec_skinny_{digest}_{_host_signature()}"
-    module = load_inline(name, cpp_sources=source, functions=["skinny_linear", "decoder_layers"],
+    module = load_inline(f"specdec_skinny_{build_id()}", cpp_sources=SOURCE.read_text(),
+                         functions=["skinny_linear", "decoder_layers"],
                          extra_cflags=["-O3", "-march=native", "-fopenmp"],
                          extra_ldflags=["-fopenmp"], verbose=False)
     _check(module)
@@ -87,21 +93,29 @@ def _build():
 
 
 def _check(module) -> None:
-    """The built kernel against ``F.linear`` on odd shapes (partial panels, bias, 1-20 rows)."""
+    """The built kernel against ``F.linear`` on odd shapes (partial panels, bias, 1-20 rows,
+    float32 and bfloat16 panels)."""
     generator = torch.Generator().manual_seed(0)
     for n_out, k in ((37, 19), (64, 33), (100, 8)):
         weight = torch.randn(n_out, k, generator=generator)
         bias = torch.randn(n_out, generator=generator)
-        panels = pack(weight)
-        for rows in (1, 2, 7, 8, 9, 20):
-            x = torch.randn(rows, k, generator=generator)
-            for b in (None, bias):
-                got = module.skinny_linear(x, panels, b, n_out)
-                want = F.linear(x, weight, b)
-                if not torch.allclose(got, want, rtol=1e-5, atol=1e-4):
-                    raise RuntimeError(f"the built kernel disagrees with F.linear "
-                                       f"({rows}x{k} by {n_out}x{k}): max difference "
-                                       f"{float((got - want).abs().max()):.3g}")
+        for dtype in PANEL_DTYPES:
+            _check_one(module, weight, bias, dtype, generator)
+
+
+def _check_one(module, weight, bias, dtype, generator) -> None:
+    n_out, k = weight.shape
+    panels = pack(weight, dtype)
+    rounded = weight.to(dtype).float()
+    for rows in (1, 2, 5, 6, 7, 8, 9, 13, 20):
+        x = torch.randn(rows, k, generator=generator)
+        for b in (None, bias):
+            got = module.skinny_linear(x, panels, b, n_out)
+            want = F.linear(x, rounded, b)
+            if not torch.allclose(got, want, rtol=1e-5, atol=1e-4):
+                raise RuntimeError(f"the built kernel disagrees with F.linear "
+                                   f"({rows}x{k} by {n_out}x{k}, {dtype} panels): max "
+                                   f"difference {float((got - want).abs().max()):.3g}")
 
 
 def _module():
@@ -137,14 +151,21 @@ def load_error() -> str | None:
     return _state.get("error")
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] float32 -> panels [ceil(N/16), K, 16] (rows beyond N are zeros)."""
+PANEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def pack(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N, K] float32 -> panels [ceil(N/16), K, 16] of ``dtype`` (rows beyond N are zeros).
+    ``torch.bfloat16`` panels stream half the bytes; the kernel widens them to float32 and
+    accumulates in float32, so the product is that of the bf16-rounded weight."""
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
         raise ValueError(f"pack wants a 2-D float32 CPU weight, got {tuple(weight.shape)} "
                          f"{weight.dtype} on {weight.device}")
+    if dtype not in PANEL_DTYPES:
+        raise ValueError(f"panels are float32 or bfloat16, not {dtype}")
     n_out, k = weight.shape
     panels = -(-n_out // LANES)
-    padded = weight.new_zeros(panels * LANES, k)
+    padded = weight.new_zeros(panels * LANES, k, dtype=dtype)
     padded[:n_out] = weight
     return padded.view(panels, LANES, k).transpose(1, 2).contiguous()
 
@@ -168,24 +189,27 @@ class SkinnyLinear:
 _PANELS: dict[int, tuple] = {}
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-           ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the kernel when it pays and changes nothing else:
-    float32 on CPU, no autograd, 1 to `MAX_ROWS` rows (x [..., K] flattened). The weight's
-    panels are made on first use and cached beside it (remade when the weight is modified in
-    place or moved). For drafters' small inference products (drafters/draft_layer.py)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           panel_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the kernel when it pays: float32 on CPU, no
+    autograd, 1 to `MAX_ROWS` rows (x [..., K] flattened). The weight's panels are made on first
+    use and cached beside it (remade when the weight is modified in place or moved). For
+    drafters' small inference products (drafters/draft_layer.py); ``panel_dtype=torch.bfloat16``
+    keeps the panels in bfloat16 (half the memory traffic, the product of the bf16-rounded
+    weight accumulated in float32), which is what drafters use: their precision only moves
+    how often they are right, and their products are bound by streaming weights."""
     rows = x.numel() // max(1, x.shape[-1])
     if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
             or not 1 <= rows <= MAX_ROWS
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or not available()):
         return F.linear(x, weight, bias)
-    stamp = (weight.data_ptr(), weight._version)
+    stamp = (weight.data_ptr(), weight._version, panel_dtype)
     key = id(weight)
     held = _PANELS.get(key)
     if held is None or held[0]() is not weight or held[1] != stamp:
         ref = weakref.ref(weight, lambda _, key=key: _PANELS.pop(key, None))
-        held = _PANELS[key] = (ref, stamp, pack(weight.detach()))
+        held = _PANELS[key] = (ref, stamp, pack(weight.detach(), panel_dtype))
     b = None if bias is None else bias.detach()
     out = native().skinny_linear(x.reshape(rows, x.shape[-1]), held[2], b,
                                          int(weight.shape[0]))

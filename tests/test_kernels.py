@@ -53,6 +53,47 @@ def test_skinny_linear_equals_f_linear(shape, threads):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(37, 19), (200, 33), (1000, 576)])
+def test_bfloat16_panels_compute_the_bf16_rounded_weight_in_float32(shape):
+    """bf16 panels: the product of the bf16-rounded weight, accumulated in float32 (float32
+    tolerance against F.linear on the rounded weight, which a bf16 product would not meet)."""
+    generator = torch.Generator().manual_seed(shape[1])
+    weight = torch.randn(*shape, generator=generator)
+    bias = torch.randn(shape[0], generator=generator)
+    panels = kernels.pack(weight, torch.bfloat16)
+    assert panels.dtype == torch.bfloat16 and panels.shape == kernels.pack(weight).shape
+    rounded = weight.bfloat16().float()
+    assert not torch.equal(rounded, weight)
+    for rows in (1, 5, 6, 7, 12, 13, 64):
+        x = torch.randn(rows, shape[1], generator=generator)
+        for b in (None, bias):
+            got = kernels.native().skinny_linear(x, panels, b, shape[0])
+            torch.testing.assert_close(got, F.linear(x, rounded, b), atol=1e-4, rtol=1e-5)
+    with torch.no_grad():  # kernels.linear caches panels per dtype
+        x = torch.randn(3, shape[1], generator=generator)
+        torch.testing.assert_close(kernels.linear(x, weight, panel_dtype=torch.bfloat16),
+                                   F.linear(x, rounded), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight),
+                                   atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        kernels.pack(weight, torch.float16)
+
+
+@needs_kernel
+def test_profile_key_names_the_kernel_build(monkeypatch):
+    """A latency profile measured with one build of the kernel is not reused with another (a
+    changed source or another CPU)."""
+    from specdec.cost import profile_key
+
+    model = tiny_model("llama")
+    assert fastpath.kernel_wanted(model)
+    before = profile_key(model, 16)["kernel"]
+    assert kernels.build_id() in before
+    monkeypatch.setattr(kernels, "_host_signature", lambda: "another-cpu")
+    assert profile_key(model, 16)["kernel"] != before
+
+
+@needs_kernel
 def test_kernel_refuses_mismatched_input():
     layer = kernels.SkinnyLinear(torch.randn(32, 8), None)
     with pytest.raises(RuntimeError, match="x has 9 columns, the weight 8"):

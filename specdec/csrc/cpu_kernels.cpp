@@ -39,22 +39,35 @@ typedef float vec __attribute__((vector_size(kVecBytes)));
 typedef float vecu __attribute__((vector_size(kVecBytes), aligned(4)));
 constexpr int kVec = kVecBytes / 4;      // floats per native vector
 constexpr int kSub = kLanes / kVec;      // native vectors per panel row
-constexpr int64_t kPrefetch = 32;        // panel rows (cache lines) ahead of the loads
+#ifndef SPECDEC_PREFETCH
+#define SPECDEC_PREFETCH 32
+#endif
+constexpr int64_t kPrefetch = SPECDEC_PREFETCH;  // panel rows ahead of the loads
+typedef uint16_t half_vec __attribute__((vector_size(kVecBytes / 2), aligned(2)));
+typedef uint32_t word_vec __attribute__((vector_size(kVecBytes)));
 
-template <int R, int C>
-inline void tile(const float* __restrict x, int64_t K, const float* __restrict panels,
+// kVec weights at p as floats: float32 as is; bfloat16 (the high half of a float32) widened by a
+// 16-bit shift, so a bfloat16 panel streams half the bytes and the products still accumulate in
+// float32.
+inline vec load_weights(const float* p) { return *(const vec*)p; }
+inline vec load_weights(const at::BFloat16* p) {
+  return (vec)(__builtin_convertvector(*(const half_vec*)p, word_vec) << 16);
+}
+
+template <int R, int C, typename W>
+inline void tile(const float* __restrict x, int64_t K, const W* __restrict panels,
                  float* __restrict y, int64_t N, int64_t panel, const float* __restrict bias) {
   constexpr int V = C * kSub;
   vec acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = (vec){};
-  const float* w[C];
+  const W* w[C];
   for (int c = 0; c < C; ++c) w[c] = panels + (panel + c) * K * kLanes;
   for (int64_t k = 0; k < K; ++k) {
     vec wv[V];
     for (int c = 0; c < C; ++c) {
       __builtin_prefetch(w[c] + (k + kPrefetch) * kLanes);
-      for (int s = 0; s < kSub; ++s) wv[c * kSub + s] = *(const vec*)(w[c] + k * kLanes + s * kVec);
+      for (int s = 0; s < kSub; ++s) wv[c * kSub + s] = load_weights(w[c] + k * kLanes + s * kVec);
     }
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * K + k];
@@ -78,25 +91,47 @@ inline void tile(const float* __restrict x, int64_t K, const float* __restrict p
 }
 
 // tile<R, C> for the R (1..kRows) rows left
-template <int C, int Max = kRows>
-inline void rows(int R, const float* x, int64_t K, const float* panels, float* y, int64_t N,
+template <int C, typename W, int Max = kRows>
+inline void rows(int R, const float* x, int64_t K, const W* panels, float* y, int64_t N,
                  int64_t panel, const float* bias) {
   if constexpr (Max > 1) {
-    if (R < Max) return rows<C, Max - 1>(R, x, K, panels, y, N, panel, bias);
+    if (R < Max) return rows<C, W, Max - 1>(R, x, K, panels, y, N, panel, bias);
   }
   tile<Max, C>(x, K, panels, y, N, panel, bias);
 }
 
+template <typename W>
+void run_panels(const float* xp, int64_t M, int64_t K, const W* w, int64_t P, float* yp,
+                int64_t N, const float* b) {
+  const int64_t groups = (P + kCols - 1) / kCols;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(1, (groups + threads - 1) / threads);
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t panel = kCols * group;
+      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
+        const int R = static_cast<int>(std::min<int64_t>(kRows, M - r0));
+        if (panel + kCols <= P)
+          rows<kCols>(R, xp + r0 * K, K, w, yp + r0 * N, N, panel, b);
+        else
+          rows<1>(R, xp + r0 * K, K, w, yp + r0 * N, N, panel, b);
+      }
+    }
+  });
+}
+
 }  // namespace
 
-// x [M, K] float32, panels [P, K, 16] float32 (P = ceil(N / 16)), bias [N] or None -> [M, N]
+// x [M, K] float32, panels [P, K, 16] float32 or bfloat16 (P = ceil(N / 16)), bias [N] float32
+// or None -> [M, N] float32
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias,
                             int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
               "skinny_linear: x must be a 2-D float32 CPU tensor");
-  TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == torch::kFloat &&
+  TORCH_CHECK(panels.dim() == 3 &&
+                  (panels.scalar_type() == torch::kFloat || panels.scalar_type() == torch::kBFloat16) &&
                   panels.size(2) == kLanes && panels.is_contiguous(),
-              "skinny_linear: panels must be a contiguous float32 [P, K, 16] tensor");
+              "skinny_linear: panels must be a contiguous float32 or bfloat16 [P, K, 16] tensor");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
   TORCH_CHECK(panels.size(1) == K, "skinny_linear: x has ", K, " columns, the weight ",
@@ -113,23 +148,11 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor panels, c10::optional
   }
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* w = panels.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t groups = (P + kCols - 1) / kCols;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t grain = std::max<int64_t>(1, (groups + threads - 1) / threads);
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t group = begin; group < end; ++group) {
-      const int64_t panel = kCols * group;
-      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
-        const int R = static_cast<int>(std::min<int64_t>(kRows, M - r0));
-        if (panel + kCols <= P)
-          rows<kCols>(R, xp + r0 * K, K, w, yp + r0 * N, N, panel, b);
-        else
-          rows<1>(R, xp + r0 * K, K, w, yp + r0 * N, N, panel, b);
-      }
-    }
-  });
+  if (panels.scalar_type() == torch::kBFloat16)
+    run_panels(xp, M, K, panels.data_ptr<at::BFloat16>(), P, yp, N, b);
+  else
+    run_panels(xp, M, K, panels.data_ptr<float>(), P, yp, N, b);
   return y;
 }
 
