@@ -60,6 +60,16 @@ def fast_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+# the skinny kernel's panel precision for drafters' weights (specdec/kernels.py linear)
+DRAFT_PANELS = torch.bfloat16
+
+
+def draft_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A drafter's inference product ``x @ weight.T``: the skinny CPU kernel with `DRAFT_PANELS`
+    panels for float32 inference of 1 to 64 rows, else ``F.linear``."""
+    return kernels.linear(x, weight, panel_dtype=DRAFT_PANELS)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, -1)
     return torch.cat([-second, first], -1)
@@ -90,6 +100,58 @@ class DraftDecoderLayer(nn.Module):
         angles = torch.cat([freqs, freqs], -1)[:, None, :]  # [n, 1, d]
         return x * angles.cos().to(x.dtype) + _rotate_half(x) * angles.sin().to(x.dtype)
 
+    def _native_weights(self) -> list[torch.Tensor]:
+        """The 10 per-layer arguments of the kernel module's ``decoder_layers`` (norms, panels of
+        `DRAFT_PANELS`, no biases), remade when a parameter changes or the panel dtype does."""
+        params = (self.input_norm.weight, self.qkv.weight, self.o_proj.weight,
+                  self.post_norm.weight, self.gate_up.weight, self.down.weight)
+        stamp = tuple((p.data_ptr(), p._version) for p in params) + (DRAFT_PANELS,)
+        held = getattr(self, "_native", None)
+        if held is None or held[0] != stamp:
+            none = torch.empty(0)
+            ln1, qkv, o, ln2, gate_up, down = (p.detach() for p in params)
+            weights = [ln1, kernels.pack(qkv, DRAFT_PANELS), none, kernels.pack(o, DRAFT_PANELS),
+                       none, ln2, kernels.pack(gate_up, DRAFT_PANELS), none,
+                       kernels.pack(down, DRAFT_PANELS), none]
+            held = self._native = (stamp, weights)
+        return held[1]
+
+    def _native_usable(self, x: torch.Tensor) -> bool:
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] == 1
+                and 1 <= x.shape[1] <= kernels.MAX_ROWS and self.qkv.weight.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad))
+                and kernels.available())
+
+    def step_cached(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+                    cache: "LayerCache", start: int) -> torch.Tensor:
+        """The layer over the rows ``x [1, n, H]`` whose keys/values go to rows ``start`` ..
+        ``start + n - 1`` of ``cache`` (overwriting what was there), attending to rows
+        ``< start + n`` as ``allowed [n, start + n]`` says -> out [1, n, H].
+
+        On CPU in float32 inference with the kernels built, one native call
+        (``decoder_layers``: the same layer on the skinny kernel with `DRAFT_PANELS` panels,
+        its key/value rows written in place); else this module's `forward` over the cached rows."""
+        n = x.shape[1]
+        cache.reserve(start + n, self.num_heads, self.head_dim, x)
+        if allowed.shape != (n, start + n):
+            raise ValueError(f"allowed must be [{n}, {start + n}], got {tuple(allowed.shape)}")
+        if self._native_usable(x):
+            freqs = positions.to(self.inv_freq.device).float()[:, None] * self.inv_freq
+            angles = torch.cat([freqs, freqs], -1)  # [n, d]
+            eps = [self.input_norm.eps, self.post_norm.eps]
+            out = kernels.native().decoder_layers(
+                x[0], angles.cos(), angles.sin(), allowed[None, None], self._native_weights(),
+                [cache.keys], [cache.values], start,
+                [self.num_heads, self.num_heads, self.head_dim, self.gate_up.out_features // 2],
+                eps, [self.head_dim ** -0.5], False)
+            return out[0][None]
+        past_k = cache.keys[:, :, :start].transpose(1, 2) if start else None
+        past_v = cache.values[:, :, :start].transpose(1, 2) if start else None
+        out, k, v = self(x, positions, allowed, past_k, past_v)
+        cache.keys[:, :, start: start + n] = k.transpose(1, 2)
+        cache.values[:, :, start: start + n] = v.transpose(1, 2)
+        return out
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
                 past_keys: torch.Tensor | None = None, past_values: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,7 +159,7 @@ class DraftDecoderLayer(nn.Module):
 
         Returns (out [B, n, H], keys [B, n, h, d], values [B, n, h, d]) of the n new rows."""
         batch, n, hidden = x.shape
-        q, k, v = kernels.linear(self.input_norm(x), self.qkv.weight).view(
+        q, k, v = draft_linear(self.input_norm(x), self.qkv.weight).view(
             batch, n, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = self._rope(q, positions), self._rope(k, positions)
         keys = k if past_keys is None else torch.cat([past_keys, k], 1)
@@ -106,7 +168,30 @@ class DraftDecoderLayer(nn.Module):
         attn = nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=mask[:, None].to(x.device))  # [B, h, n, d]
-        # kernels.linear: the skinny CPU kernel for float32 inference, else F.linear
-        h = x + kernels.linear(attn.transpose(1, 2).reshape(batch, n, hidden), self.o_proj.weight)
-        gate, up = kernels.linear(self.post_norm(h), self.gate_up.weight).chunk(2, -1)
-        return h + kernels.linear(nn.functional.silu(gate) * up, self.down.weight), k, v
+        h = x + draft_linear(attn.transpose(1, 2).reshape(batch, n, hidden), self.o_proj.weight)
+        gate, up = draft_linear(self.post_norm(h), self.gate_up.weight).chunk(2, -1)
+        return h + draft_linear(nn.functional.silu(gate) * up, self.down.weight), k, v
+
+
+class LayerCache:
+    """A draft layer's keys/values in buffers ``[1, heads, capacity, head_dim]`` (rotated keys),
+    written in place by `DraftDecoderLayer.step_cached`: a drafted tree's rows sit after the
+    committed context and the next step's committed rows overwrite them, instead of
+    concatenating caches every call. Grows by doubling."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def reserve(self, rows: int, heads: int, head_dim: int, like: torch.Tensor) -> None:
+        if self.keys is not None and (self.keys.shape[2] >= rows and self.keys.dtype == like.dtype
+                                      and self.keys.device == like.device):
+            return
+        capacity = max(256, 2 * rows)
+        keys = like.new_zeros(1, heads, capacity, head_dim)
+        values = like.new_zeros(1, heads, capacity, head_dim)
+        if self.keys is not None:
+            kept = min(self.keys.shape[2], capacity)
+            keys[:, :, :kept] = self.keys[:, :, :kept]
+            values[:, :, :kept] = self.values[:, :, :kept]
+        self.keys, self.values = keys, values

@@ -45,10 +45,10 @@ import torch
 from torch import nn
 
 from drafters.base import DrafterBase
-from drafters.draft_layer import DraftDecoderLayer, RMSNorm, fast_dtype, rope_base
+from drafters.draft_layer import (DraftDecoderLayer, LayerCache, RMSNorm, draft_linear, fast_dtype,
+                                  rope_base)
 from drafters.medusa import DEFAULT_TREE, draft_probs_on_target
 from drafters.trained import TrainedModule, distillation_loss, draft_head_weight, rank_tree_children
-from specdec import kernels
 from specdec.state import DecodingState
 from specdec.tree import DraftTree
 
@@ -112,12 +112,20 @@ class EagleModule(TrainedModule):
     def step(self, features: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
              allowed: torch.Tensor, past_keys=None, past_values=None):
         """features [B, n, H], next_tokens [B, n] -> (a [B, n, H], keys, values)."""
-        x = kernels.linear(torch.cat([features, self.embed_weight[next_tokens]], -1), self.fc.weight)
+        x = draft_linear(torch.cat([features, self.embed_weight[next_tokens]], -1), self.fc.weight)
         return self.layer(x, positions, allowed, past_keys, past_values)
+
+    def step_cached(self, features: torch.Tensor, next_tokens: torch.Tensor,
+                    positions: torch.Tensor, allowed: torch.Tensor, cache: LayerCache,
+                    start: int) -> torch.Tensor:
+        """`step` for drafting: features [1, n, H], next_tokens [1, n] -> a [1, n, H], the rows'
+        keys/values written to rows ``start ..`` of ``cache`` (see `DraftDecoderLayer.step_cached`)."""
+        x = draft_linear(torch.cat([features, self.embed_weight[next_tokens]], -1), self.fc.weight)
+        return self.layer.step_cached(x, positions, allowed, cache, start)
 
     def logits(self, a: torch.Tensor) -> torch.Tensor:
         """[..., H] -> draft logits [..., Vd]."""
-        return kernels.linear(a if self.out_norm is None else self.out_norm(a), self.head_weight)
+        return draft_linear(a if self.out_norm is None else self.out_norm(a), self.head_weight)
 
     # ------------------------------------------------------------------ training
     def unroll(self, u0: torch.Tensor, next_tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
@@ -223,8 +231,9 @@ class EagleDrafter(DrafterBase):
                 raise ValueError("dtype must be 'auto', None or a torch dtype such as 'bfloat16'")
         self.dtype = dtype
         self._target = None
-        self._keys: torch.Tensor | None = None  # [1, C, h, d] committed context rows
-        self._values: torch.Tensor | None = None
+        # the layer's key/value rows: the committed context (one row per committed token but the
+        # newest), then the rows of the tree being drafted (overwritten by the next step's)
+        self._cache = LayerCache()
         self._fed = 0  # committed tokens whose rows are in the cache
 
     def begin(self, state: DecodingState) -> None:
@@ -238,7 +247,7 @@ class EagleDrafter(DrafterBase):
             if isinstance(self.dtype, torch.dtype):
                 self.module.to(self.dtype)
             self._target = state.target
-        self._keys = self._values = None
+        self._cache = LayerCache()
         self._fed = 0
 
     def _extend_context(self, state: DecodingState) -> torch.Tensor:
@@ -261,9 +270,7 @@ class EagleDrafter(DrafterBase):
         positions = torch.arange(start, start + m, device=u.device)
         allowed = torch.ones(m, start + m, dtype=torch.bool)
         allowed[:, start:] = torch.ones(m, m, dtype=torch.bool).tril_()
-        a, k, v = module.step(u, next_tokens, positions, allowed, self._keys, self._values)
-        self._keys = k if self._keys is None else torch.cat([self._keys, k], 1)
-        self._values = v if self._values is None else torch.cat([self._values, v], 1)
+        a = module.step_cached(u, next_tokens, positions, allowed, self._cache, start)
         self._fed = start + m
         return a[0, -1]
 
@@ -288,8 +295,7 @@ class EagleDrafter(DrafterBase):
         rank_path: list[tuple[int, ...]] = []
         draft_probs: dict[int, torch.Tensor] = {}
         lineage: dict[int, list[int]] = {-1: []}  # node -> tree rows of its expanded ancestors
-        tree_keys: list[torch.Tensor] = []
-        tree_values: list[torch.Tensor] = []
+        n_tree = 0  # tree rows in the cache (after the context's)
 
         def add_children(level: list[int], logits: torch.Tensor, depth: int) -> None:
             """Children of each node in ``level`` from its draft logits [n, Vd], in one batch."""
@@ -335,21 +341,17 @@ class EagleDrafter(DrafterBase):
             if not level:
                 break
             # one layer call for the whole level: each row sees the context, its ancestors, itself
-            n_tree = sum(k.shape[1] for k in tree_keys)
             allowed = torch.zeros(len(level), context + n_tree + len(level), dtype=torch.bool)
             allowed[:, :context] = True
             for r, node in enumerate(level):
                 lineage[node] = lineage[parents[node]] + [n_tree + r]
                 allowed[r, [context + c for c in lineage[node]]] = True
-            past_k = torch.cat([self._keys] + tree_keys, 1) if tree_keys else self._keys
-            past_v = torch.cat([self._values] + tree_values, 1) if tree_values else self._values
             u = torch.stack([out_of[parents[i]] for i in level])[None]  # [1, n, H]
             next_tokens = torch.tensor([[tokens[i] for i in level]], device=u.device)
             # row of a depth-d node: (predicted feature of position root + d - 1, its token)
             positions = torch.full((len(level),), root_pos + depth - 1, device=u.device)
-            a, k, v = module.step(u, next_tokens, positions, allowed, past_k, past_v)
-            tree_keys.append(k)
-            tree_values.append(v)
+            a = module.step_cached(u, next_tokens, positions, allowed, self._cache, context + n_tree)
+            n_tree += len(level)
             logits = module.logits(a[0])  # [n, Vd]
             for r, node in enumerate(level):
                 out_of[node] = a[0, r]

@@ -36,21 +36,21 @@ def test_training_time_test_matches_drafting(target, kind):
     context = [5, 17, 3, 40, 22, 9, 61]
     n = len(context) - 1
     outputs: list[torch.Tensor] = []
-    step = module.step
+    step = module.step_cached
 
     def recording_step(*args, **kwargs):
         result = step(*args, **kwargs)
-        outputs.append(result[0][0, -1].clone())
+        outputs.append(result[0, -1].clone())
         return result
 
-    module.step = recording_step
+    module.step_cached = recording_step
     depth = 4
     drafter = drafters.get(kind, weights=module, tree=[[0] * d for d in range(1, depth + 1)])
     state = state_for(target, context)
     drafter.begin(state)
     chain = drafter.propose(state).tokens
     assert len(chain) == depth
-    del module.step
+    del module.step_cached
 
     sequence = context + chain
     with torch.no_grad():
@@ -100,13 +100,13 @@ def test_budget_hint_drafts_less_and_fewer_levels(target, hint):
     module = module_for("eagle", target)
     drafter = drafters.get("eagle2", weights=module, depth=6, top_k=4, beam=3, max_nodes=16)
     calls = []
-    step = module.step
-    module.step = lambda *a, **k: calls.append(a[0].shape[1]) or step(*a, **k)
+    step = module.step_cached
+    module.step_cached = lambda *a, **k: calls.append(a[0].shape[1]) or step(*a, **k)
     state = state_for(target, [5, 17, 3, 40, 22])
     state.node_budget = hint
     drafter.begin(state)
     tree = drafter.propose(state)
-    del module.step
+    del module.step_cached
     assert 1 <= len(tree) <= hint + 1 and tree.max_depth <= hint + 1
     assert len(calls) == 1 + min(hint, 5)  # the context rows, then one call per extra level
 
@@ -136,3 +136,42 @@ def test_greedy_lossless_under_a_budget_that_cuts(target):
 def _falcon(target):
     from tests.test_falcon import falcon_module
     return falcon_module(target)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cached_layer_step_equals_the_concatenating_forward(native, monkeypatch):
+    """DraftDecoderLayer.step_cached (in-place key/value rows; one native call on CPU) computes
+    what forward computes over concatenated caches, and a later write at an earlier start
+    overwrites the rows after it (a drafted tree's rows replaced by committed ones)."""
+    from drafters import draft_layer
+    from drafters.draft_layer import DraftDecoderLayer, LayerCache
+
+    torch.manual_seed(0)
+    layer = DraftDecoderLayer(64, 4, 96).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    monkeypatch.setattr(draft_layer, "DRAFT_PANELS", torch.float32)
+    if not native:
+        monkeypatch.setattr(layer, "_native_usable", lambda x: False)
+    cache = LayerCache()
+    context = torch.randn(1, 6, 64)
+    tree = torch.randn(1, 3, 64)
+    committed = torch.randn(1, 2, 64)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril_()
+    tree_mask = torch.tensor([[1] * 6 + [1, 0, 0], [1] * 6 + [1, 1, 0], [1] * 6 + [1, 0, 1]],
+                             dtype=torch.bool)
+    with torch.no_grad():
+        ref_ctx, k0, v0 = layer(context, torch.arange(6), causal)
+        ref_tree, _, _ = layer(tree, torch.tensor([6, 7, 7]), tree_mask, k0, v0)
+        got_ctx = layer.step_cached(context, torch.arange(6), causal, cache, 0)
+        got_tree = layer.step_cached(tree, torch.tensor([6, 7, 7]), tree_mask, cache, 6)
+        torch.testing.assert_close(got_ctx, ref_ctx, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got_tree, ref_tree, atol=1e-5, rtol=1e-4)
+        # the tree's rows are dropped: two committed rows go to rows 6-7
+        mask = torch.ones(2, 8, dtype=torch.bool)
+        mask[0, 7] = False
+        ref, _, _ = layer(committed, torch.tensor([6, 7]), mask, k0, v0)
+        got = layer.step_cached(committed, torch.tensor([6, 7]), mask, cache, 6)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+        with pytest.raises(ValueError, match="allowed must be"):
+            layer.step_cached(committed, torch.tensor([8, 9]), mask, cache, 8)

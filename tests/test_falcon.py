@@ -51,10 +51,12 @@ def test_one_forward_drafts_k_tokens_and_matches_training(target, block):
     assert len(tree) == 2 * block and tree.max_depth == 2 * block
     assert calls == [n, block, block]
 
-    # the first pass equals the training forward's block of rows n-k..n-1 (aligned to end there)
-    logits, _ = module.block_logits(
-        state.hidden_states[-1][-block:], torch.tensor(context[-block:]), n - block,
-        drafter._keys[:, : n - block], drafter._values[:, : n - block])
+    # the first pass equals the training forward's block of rows n-k..n-1 (aligned to end there);
+    # both in inference (drafters' products then take bf16 panels on the CPU kernel)
+    with torch.no_grad():
+        logits, _ = module.block_logits(
+            state.hidden_states[-1][-block:], torch.tensor(context[-block:]), n - block,
+            drafter._keys[:, : n - block], drafter._values[:, : n - block])
     assert logits.shape == (block, 64)
     hidden = state.hidden_states[-1][None]
     offset = (-n) % block  # so that a block ends at row n - 1
