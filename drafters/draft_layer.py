@@ -64,10 +64,12 @@ def fast_dtype(device: torch.device) -> torch.dtype:
 DRAFT_PANELS = torch.bfloat16
 
 
-def draft_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A drafter's inference product ``x @ weight.T``: the skinny CPU kernel with `DRAFT_PANELS`
-    panels for float32 inference of 1 to 64 rows, else ``F.linear``."""
-    return kernels.linear(x, weight, panel_dtype=DRAFT_PANELS)
+def draft_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """A drafter's product ``F.linear(x, weight, bias)``: in float32 inference of 1 to 64 rows on
+    CPU the skinny kernel with `DRAFT_PANELS` panels, else ``F.linear`` (training, autograd,
+    other dtypes and devices)."""
+    return kernels.linear(x, weight, bias, panel_dtype=DRAFT_PANELS)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from drafters.draft_layer import draft_linear
 from specdec.tree import DraftTree
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -117,7 +118,7 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + nn.functional.silu(self.linear(x))
+        return x + nn.functional.silu(draft_linear(x, self.linear.weight, self.linear.bias))
 
 
 def keep_likeliest(tree: DraftTree, count: int) -> DraftTree:
