@@ -196,7 +196,7 @@ class Eagle3Module(EagleModule):
 
 class EagleDrafter(DrafterBase):
     """``drafters.get("eagle2", weights="eagle", tree="dynamic", depth=6, top_k=8, beam=8,
-    max_nodes=32)``.
+    max_nodes=32, min_value=0.05, head_vocab=None)``.
 
     ``weights``: shipped name (``eagle``, ``eagle3``), a folder from ``specdec train eagle|eagle3``
     or a loaded module. ``tree``: ``"dynamic"`` (EAGLE-2) or Medusa-style rank paths (static,
@@ -205,6 +205,15 @@ class EagleDrafter(DrafterBase):
     the step committed. ``dtype``: the drafter's compute dtype; ``"auto"`` picks bfloat16 where
     the device runs it natively (drafters/draft_layer.py ``fast_dtype``) for weights loaded by
     name or path, and leaves a module passed in as it is.
+
+    Cost controls for CPUs, where every drafter call streams the layer's and the head's weights:
+    ``min_value``: a dynamic tree expands only nodes whose value (path probability) is at least
+    this; a level with none is not run (deep levels of values ~0.01 cost a layer call each and
+    are cut by any budget). ``head_vocab``: draft only among the first ``head_vocab`` tokens of
+    the draft vocabulary, which is ordered by frequency, so the head streams that many rows
+    instead of all (frequency-ranked drafting, Zhao et al. 2025, "FR-Spec: Accelerating
+    Large-Vocabulary Language Models via Frequency-Ranked Speculative Sampling",
+    arXiv:2502.14856). Neither affects losslessness.
     """
 
     needs_hidden_states = True
@@ -213,7 +222,8 @@ class EagleDrafter(DrafterBase):
 
     def __init__(self, weights: str | Path | EagleModule | None = None, tree=None, depth: int = 6,
                  top_k: int = 8, beam: int = 8, max_nodes: int = 32, with_draft_probs: bool = True,
-                 dtype: str | torch.dtype | None = "auto"):
+                 dtype: str | torch.dtype | None = "auto", min_value: float = 0.05,
+                 head_vocab: int | None = None):
         self.weights = weights or self.default_weights
         self.module: EagleModule | None = weights if isinstance(weights, EagleModule) else None
         tree = self.default_tree if tree is None else tree
@@ -224,6 +234,13 @@ class EagleDrafter(DrafterBase):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.depth, self.top_k, self.beam, self.max_nodes = depth, top_k, beam, max_nodes
+        if not 0.0 <= float(min_value) < 1.0:
+            raise ValueError(f"min_value is a path probability in [0, 1), got {min_value!r}")
+        if head_vocab is not None and (not isinstance(head_vocab, int) or head_vocab < top_k):
+            raise ValueError(f"head_vocab must be an integer of at least top_k ({top_k}), "
+                             f"got {head_vocab!r}")
+        self.min_value, self.head_vocab = float(min_value), head_vocab
+        self._head = self._draft_to_target = None  # the (possibly truncated) head and its ids
         self.with_draft_probs = with_draft_probs
         if dtype not in ("auto", None) and not isinstance(dtype, torch.dtype):
             dtype = getattr(torch, str(dtype), None)
@@ -247,6 +264,15 @@ class EagleDrafter(DrafterBase):
             if isinstance(self.dtype, torch.dtype):
                 self.module.to(self.dtype)
             self._target = state.target
+            self._head = None
+        if self._head is None:
+            rows = self.module.head_weight.shape[0]
+            if self.head_vocab is not None and self.head_vocab > rows:
+                raise ValueError(f"head_vocab={self.head_vocab} but the drafter's vocabulary has "
+                                 f"only {rows} tokens: use at most {rows}")
+            # one view kept across steps, so the kernel's cached panels are reused
+            self._head = self.module.head_weight[: self.head_vocab or rows]
+            self._draft_to_target = self.module.draft_to_target[: self.head_vocab or rows]
         self._cache = LayerCache()
         self._fed = 0
 
@@ -274,9 +300,14 @@ class EagleDrafter(DrafterBase):
         self._fed = start + m
         return a[0, -1]
 
+    def _logits(self, a: torch.Tensor) -> torch.Tensor:
+        """`EagleModule.logits` over the head's first ``head_vocab`` rows."""
+        module = self.module
+        return draft_linear(a if module.out_norm is None else module.out_norm(a), self._head)
+
     @torch.no_grad()
     def propose(self, state: DecodingState) -> DraftTree:
-        if self.module is None:
+        if self.module is None or self._head is None:
             self.begin(state)
         if state.hidden_states is None:
             return DraftTree.empty()
@@ -284,7 +315,7 @@ class EagleDrafter(DrafterBase):
         root_out = self._extend_context(state)  # [H]
         root_pos = len(state.tokens) - 1
         context = self._fed
-        draft_to_target = module.draft_to_target
+        draft_to_target = self._draft_to_target
         want_probs = self.with_draft_probs and not state.sampling.greedy
 
         # created nodes: token (target id), parent, value, depth, output row (when expanded)
@@ -322,7 +353,7 @@ class EagleDrafter(DrafterBase):
             path = rank_path[parent] if parent >= 0 else ()
             return sorted(p[-1] for p in self.tree_paths if len(p) == len(path) + 1 and p[:-1] == path)
 
-        add_children([-1], module.logits(root_out)[None], 1)
+        add_children([-1], self._logits(root_out)[None], 1)
         max_depth = self.depth if self.dynamic else max(len(p) for p in self.tree_paths)
         max_nodes = self.max_nodes
         if self.dynamic and state.node_budget is not None:
@@ -335,7 +366,8 @@ class EagleDrafter(DrafterBase):
         for depth in range(1, max_depth):
             level = [i for i, d in enumerate(depths) if d == depth]
             if self.dynamic:
-                level = sorted(level, key=lambda i: -values[i])[: self.beam]
+                level = sorted((i for i in level if values[i] >= self.min_value),
+                               key=lambda i: -values[i])[: self.beam]
             else:
                 level = [i for i in level if wanted_ranks(i)]
             if not level:
@@ -352,7 +384,7 @@ class EagleDrafter(DrafterBase):
             positions = torch.full((len(level),), root_pos + depth - 1, device=u.device)
             a = module.step_cached(u, next_tokens, positions, allowed, self._cache, context + n_tree)
             n_tree += len(level)
-            logits = module.logits(a[0])  # [n, Vd]
+            logits = self._logits(a[0])  # [n, Vd]
             for r, node in enumerate(level):
                 out_of[node] = a[0, r]
             add_children(level, logits, depth + 1)

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from drafters.base import DrafterBase
-from drafters.draft_layer import fast_dtype
+from drafters.draft_layer import LayerCache, fast_dtype
 from drafters.eagle import EagleModule
 from drafters.medusa import draft_probs_on_target
 from drafters.trained import distillation_loss
@@ -168,7 +168,9 @@ class FalconDrafter(DrafterBase):
         self.with_draft_probs = with_draft_probs
         self.dtype = dtype
         self._target = None
-        self._keys = self._values = self._features = None
+        # the layer's key/value rows: committed context, then the tree being drafted
+        self._cache = LayerCache()
+        self._features = None
         self._fed = 0
 
     def begin(self, state: DecodingState) -> None:
@@ -186,7 +188,8 @@ class FalconDrafter(DrafterBase):
         if len(self.widths) != k:
             raise ValueError(f"widths has {len(self.widths)} entries but the Falcon block drafts "
                              f"{k} tokens per forward: give one width per token")
-        self._keys = self._values = self._features = None
+        self._cache = LayerCache()
+        self._features = None
         self._fed = 0
 
     def _extend_context(self, state: DecodingState) -> None:
@@ -200,11 +203,9 @@ class FalconDrafter(DrafterBase):
             raise RuntimeError(f"Falcon drafter out of step: {self._fed} rows cached, new rows start "
                                f"at {start}; call begin() before a new generation")
         allowed = torch.ones(m, start + m, dtype=torch.bool).tril_(start)
-        _, k, v = module.step(hidden[None], torch.tensor([state.tokens[-m:]], device=hidden.device),
-                              torch.arange(start, start + m, device=hidden.device), allowed,
-                              self._keys, self._values)
-        self._keys = k if self._keys is None else torch.cat([self._keys, k], 1)
-        self._values = v if self._values is None else torch.cat([self._values, v], 1)
+        module.step_cached(hidden[None], torch.tensor([state.tokens[-m:]], device=hidden.device),
+                           torch.arange(start, start + m, device=hidden.device), allowed,
+                           self._cache, start)
         previous = self._features if start else hidden[:0]
         self._features = torch.cat([previous, hidden])[-module.block:]  # [<= k, H] newest rows
         self._fed = start + m
@@ -251,15 +252,19 @@ class FalconDrafter(DrafterBase):
                 frontier = below
             return frontier
 
-        # pass 1: the block of the last k committed rows (its queries see the context before it)
+        # pass 1: the block of the last k committed rows (its queries see the context before it
+        # and the whole block); it rewrites those rows' keys/values, which depend only on the
+        # rows' own inputs, so the cache keeps the same numbers
         past = n - k
-        logits, features = module.block_logits(
-            self._features, torch.tensor(state.tokens[-k:], device=self._features.device), past,
-            self._keys[:, :past], self._values[:, :past])
+        device = self._features.device
+        a = module.step_cached(self._features[None],
+                               torch.tensor([state.tokens[-k:]], device=device),
+                               torch.arange(past, n, device=device),
+                               torch.ones(k, n, dtype=torch.bool), self._cache, past)
+        logits, features = module.logits(a[0]), a[0]
         leaves = grow(-1, logits, 0)
         block_out = {leaf: features for leaf in leaves}  # leaf -> features of its next block
-        tree_keys: list[torch.Tensor] = []  # per pass [1, rows, h, d]
-        tree_values: list[torch.Tensor] = []
+        n_tree = 0  # tree rows in the cache (after the context's)
         lineage: dict[int, list[int]] = {leaf: [] for leaf in leaves}  # tree rows of the path
         passes, max_nodes = self.passes, self.max_nodes
         if state.node_budget is not None:
@@ -271,7 +276,6 @@ class FalconDrafter(DrafterBase):
             chosen = sorted(leaves, key=lambda i: -values[i])[: self.beam]
             if not chosen:
                 break
-            n_tree = sum(t.shape[1] for t in tree_keys)
             rows = len(chosen) * k
             allowed = torch.zeros(rows, self._fed + n_tree + rows, dtype=torch.bool)
             allowed[:, : self._fed] = True
@@ -285,12 +289,8 @@ class FalconDrafter(DrafterBase):
                 next_tokens += [tokens[i] for i in path[-k:]]
             start = n + (p - 1) * k  # rows of the tokens drafted by the previous pass
             positions = torch.arange(start, start + k).repeat(len(chosen))
-            past_k = torch.cat([self._keys] + tree_keys, 1)
-            past_v = torch.cat([self._values] + tree_values, 1)
-            a, key, value = module.step(torch.cat(u)[None], torch.tensor([next_tokens]), positions,
-                                        allowed, past_k, past_v)
-            tree_keys.append(key)
-            tree_values.append(value)
+            a = module.step_cached(torch.cat(u)[None], torch.tensor([next_tokens]), positions,
+                                   allowed, self._cache, self._fed + n_tree)
             all_logits = module.logits(a[0])  # [rows, Vd]
             leaves = []
             for b, leaf in enumerate(chosen):
@@ -299,6 +299,7 @@ class FalconDrafter(DrafterBase):
                     block_out[child] = a[0, b * k:(b + 1) * k]
                     lineage[child] = lineage[leaf] + [n_tree + b * k + j for j in range(k)]
                 leaves += new
+            n_tree += rows
         order = sorted(range(len(tokens)), key=lambda i: (-values[i], depths[i], i))
         keep = sorted(order[:max_nodes], key=lambda i: (depths[i], i))
         index = {-1: -1, **{old: new for new, old in enumerate(keep)}}

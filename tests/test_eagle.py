@@ -69,7 +69,8 @@ def test_training_time_test_matches_drafting(target, kind):
 
 def test_dynamic_tree_keeps_budget_parents_and_values(target):
     module = module_for("eagle", target)
-    drafter = drafters.get("eagle2", weights=module, depth=5, top_k=4, beam=3, max_nodes=10)
+    drafter = drafters.get("eagle2", weights=module, depth=5, top_k=4, beam=3, max_nodes=10,
+                           min_value=0.0)
     state = state_for(target, [5, 17, 3, 40, 22])
     drafter.begin(state)
     tree = drafter.propose(state)
@@ -78,7 +79,8 @@ def test_dynamic_tree_keeps_budget_parents_and_values(target):
     for node, parent in enumerate(tree.parent_list):
         assert 0 < scores[node] <= (1.0 if parent < 0 else scores[parent]) + 1e-7
     # a bigger budget drafts a superset of the same nodes (same values, same ranking)
-    bigger = drafters.get("eagle2", weights=module, depth=5, top_k=4, beam=3, max_nodes=16)
+    bigger = drafters.get("eagle2", weights=module, depth=5, top_k=4, beam=3, max_nodes=16,
+                          min_value=0.0)
     bigger.begin(state)
     large = bigger.propose(state)
     paths = {tuple(tree.tokens[i] for i in tree.path_to(n)) for n in range(len(tree))}
@@ -86,9 +88,53 @@ def test_dynamic_tree_keeps_budget_parents_and_values(target):
     assert paths < large_paths
 
 
+def test_min_value_skips_levels_of_unlikely_nodes(target):
+    """Only nodes whose path probability reaches min_value are expanded; a level with none is
+    not run at all."""
+    module = module_for("eagle", target)
+    state = state_for(target, [5, 17, 3, 40, 22])
+    trees, calls = {}, {}
+    for floor in (0.0, 0.999):
+        drafter = drafters.get("eagle2", weights=module, depth=5, top_k=4, beam=3, max_nodes=40,
+                               min_value=floor)
+        step = module.step_cached
+        seen = []
+        module.step_cached = lambda *a, seen=seen, **k: seen.append(1) or step(*a, **k)
+        drafter.begin(state)
+        trees[floor] = drafter.propose(state)
+        del module.step_cached
+        calls[floor] = len(seen)
+    assert calls[0.0] == 5 and trees[0.0].max_depth == 5  # the context rows + 4 levels
+    assert calls[0.999] == 1 and trees[0.999].max_depth == 1  # no node is that likely
+    # a middle floor: every expanded node (one with children) reaches it
+    floor = float(trees[0.0].node_scores.median())
+    drafter = drafters.get("eagle2", weights=module, depth=5, top_k=4, beam=3, max_nodes=40,
+                           min_value=floor)
+    drafter.begin(state)
+    tree = drafter.propose(state)
+    parents = {p for p in tree.parent_list if p >= 0}
+    assert parents and all(float(tree.node_scores[p]) >= floor for p in parents)
+
+
+def test_head_vocab_drafts_only_the_most_frequent_tokens(target):
+    module = module_for("eagle", target)
+    state = state_for(target, [5, 17, 3, 40, 22])
+    drafter = drafters.get("eagle2", weights=module, head_vocab=8, top_k=4, min_value=0.0)
+    drafter.begin(state)
+    tree = drafter.propose(state)
+    allowed = set(module.draft_to_target[:8].tolist())
+    assert len(tree) > 4 and set(tree.tokens) <= allowed
+    with pytest.raises(ValueError, match="only 64 tokens"):
+        drafters.get("eagle2", weights=module, head_vocab=100).begin(state)
+    with pytest.raises(ValueError, match="at least top_k"):
+        drafters.get("eagle2", head_vocab=2, top_k=4)
+
+
 def test_bad_settings_are_refused(target):
     with pytest.raises(ValueError, match="depth must be a positive integer"):
         drafters.get("eagle2", depth=0)
+    with pytest.raises(ValueError, match="path probability"):
+        drafters.get("eagle2", min_value=1.5)
     with pytest.raises(ValueError, match="aux_layers"):
         Eagle3Module.for_training(target, torch.arange(32), aux_layers=())
 
@@ -98,7 +144,8 @@ def test_budget_hint_drafts_less_and_fewer_levels(target, hint):
     """With ``state.node_budget`` set, the dynamic tree drafts at most hint + 1 nodes and runs no
     layer call for levels deeper than that."""
     module = module_for("eagle", target)
-    drafter = drafters.get("eagle2", weights=module, depth=6, top_k=4, beam=3, max_nodes=16)
+    drafter = drafters.get("eagle2", weights=module, depth=6, top_k=4, beam=3, max_nodes=16,
+                           min_value=0.0)
     calls = []
     step = module.step_cached
     module.step_cached = lambda *a, **k: calls.append(a[0].shape[1]) or step(*a, **k)

@@ -37,8 +37,8 @@ def test_relaxed_mask_sees_the_whole_block_and_nothing_after():
 def test_one_forward_drafts_k_tokens_and_matches_training(target, block):
     module = falcon_module(target, block)
     calls = []
-    step = module.step
-    module.step = lambda *a, **k: calls.append(a[0].shape[1]) or step(*a, **k)
+    step = module.step_cached
+    module.step_cached = lambda *a, **k: calls.append(a[0].shape[1]) or step(*a, **k)
     context = [5, 17, 3, 40, 22, 9, 61, 8]
     n = len(context) - 1
     drafter = drafters.get("falcon", weights=module, widths=[1] * block, passes=2, beam=1,
@@ -46,7 +46,7 @@ def test_one_forward_drafts_k_tokens_and_matches_training(target, block):
     state = state_for(target, context)
     drafter.begin(state)
     tree = drafter.propose(state)
-    del module.step
+    del module.step_cached
     # a chain of 2 passes x k tokens, from 3 layer calls: the context rows, then one block per pass
     assert len(tree) == 2 * block and tree.max_depth == 2 * block
     assert calls == [n, block, block]
@@ -56,7 +56,8 @@ def test_one_forward_drafts_k_tokens_and_matches_training(target, block):
     with torch.no_grad():
         logits, _ = module.block_logits(
             state.hidden_states[-1][-block:], torch.tensor(context[-block:]), n - block,
-            drafter._keys[:, : n - block], drafter._values[:, : n - block])
+            drafter._cache.keys[:, :, : n - block].transpose(1, 2),
+            drafter._cache.values[:, :, : n - block].transpose(1, 2))
     assert logits.shape == (block, 64)
     hidden = state.hidden_states[-1][None]
     offset = (-n) % block  # so that a block ends at row n - 1
