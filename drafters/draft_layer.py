@@ -6,6 +6,10 @@ committed context plus its own ancestors; EAGLE-3's training-time test attends t
 real-feature rows plus the drafter's own earlier outputs; Falcon's semi-autoregressive blocks see
 every position of their block. So the layer takes its attention pattern as an explicit boolean
 matrix and returns its keys and values for the caller to cache, instead of hiding a KV cache.
+For drafting, `DraftDecoderLayer.step_cached` keeps them in a `LayerCache` (buffers written in
+place: a drafted tree's rows are overwritten by the next step's committed rows) and, in float32
+inference on CPU, runs the whole layer as one native call (specdec/kernels.py ``decoder_layers``)
+with its weights in bfloat16 panels of the skinny kernel (`DRAFT_PANELS`).
 
 Llama-style: pre-norm (RMSNorm), rotary position embeddings (the target's rope base), multi-head
 attention, SwiGLU MLP. Shapes: ``x [B, n, H]``, ``positions [n]``, ``allowed [n, m + n]`` (or
@@ -44,10 +48,10 @@ class RMSNorm(nn.Module):
 def fast_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where the device multiplies it natively (a drafter's small matrix products are
     memory-bound: bf16 weights halve the traffic, ~4x faster on AVX512-BF16 CPUs), else float32.
-    On CPU with the skinny float32 kernel built (specdec/kernels.py) float32: the kernel's
-    products of a few rows beat oneDNN's bf16 ones there (benchmarks/bench_trained.py, EAGLE-2's
-    draft share 34% -> see docs/drafters.md). A drafter's precision never affects losslessness,
-    only how often it is right."""
+    On CPU with the skinny kernel built (specdec/kernels.py) float32 activations: the kernel's
+    products of a few rows, with the weights in bf16 panels (`DRAFT_PANELS`), beat oneDNN's
+    bf16 ones there (docs/drafters.md). A drafter's precision never affects losslessness, only
+    how often it is right."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu" and kernels.available():

@@ -3,18 +3,22 @@ products of a verify forward) and the lean forward's decoder-layer loop in one c
 
 Why: a tree verify multiplies a handful of token rows (1 to a few dozen) by every weight matrix of
 the target. MKL's GEMM is tuned for large products; for 4 to 16 rows on this project's 2-core
-Xeon it reaches 10-20 GB/s of weight traffic, against about 40 GB/s for one row, so an 8-token
-verify of SmolLM2-135M cost 1.5 one-token steps even on the lean forward. The products are bound
+Xeon it reaches 10-20 GB/s of weight traffic, against about 40 GB/s for one row (on an AVX2
+EPYC it is slower still), so an 8-token verify of SmolLM2-135M cost 1.5 one-token steps even on
+the lean forward. The products are bound
 by streaming the weights, not by arithmetic, so a kernel that reads each weight once for all rows
 can make 8 rows cost nearly what 1 row does.
 
 `specdec/csrc/cpu_kernels.cpp` does that: the weight is packed once into panels of 16 output
-columns ([ceil(N/16), K, 16], one contiguous stream per panel); each task holds 8 rows x 32
-columns of accumulators in vector registers for the whole K loop, so every weight vector loaded
-feeds up to 16 fused multiply-adds; panels are split across ATen's intra-op threads. It is
-compiled on first use with ``torch.utils.cpp_extension.load_inline`` for the host CPU
-(``-O3 -march=native -fopenmp``; the build directory is keyed by the source and the host's CPU
-flags, so a home directory shared between machines never runs a binary built for another CPU).
+columns ([ceil(N/16), K, 16], one contiguous stream per panel); each task holds a tile of
+accumulators in vector registers for the whole K loop (8 rows x 32 columns with AVX-512's 32
+registers, 6 rows x 16 columns with AVX2's 16), so every weight vector loaded feeds several fused
+multiply-adds; panels are split across ATen's intra-op threads. Panels may be float32 or bfloat16
+(`pack(weight, torch.bfloat16)`: half the bytes to stream, widened to float32 in registers, used
+for drafters' weights). It is compiled on first use with ``torch.utils.cpp_extension.load_inline``
+for the host CPU (``-O3 -march=native -fopenmp``; the build directory is keyed by the source and
+the host's CPU flags, `build_id()`, so a home directory shared between machines never runs a
+binary built for another CPU, and latency profiles name the build they were measured with).
 
 The same extension holds ``decoder_layers``: specdec/fastpath.py's layer loop (norms, fused
 products on the kernel, rotary embeddings, in-place cache rows, ``scaled_dot_product_attention``,
