@@ -112,20 +112,25 @@ class EagleModule(TrainedModule):
     def step(self, features: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
              allowed: torch.Tensor, past_keys=None, past_values=None):
         """features [B, n, H], next_tokens [B, n] -> (a [B, n, H], keys, values)."""
-        x = draft_linear(torch.cat([features, self.embed_weight[next_tokens]], -1), self.fc.weight)
-        return self.layer(x, positions, allowed, past_keys, past_values)
+        return self.layer(self._fused(features, next_tokens), positions, allowed, past_keys,
+                          past_values)
+
+    def _fused(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """The layer's input: fc(feature, embedding of the next token)."""
+        return draft_linear(torch.cat([features, self.embed_weight[next_tokens]], -1), self.fc.weight)
 
     def step_cached(self, features: torch.Tensor, next_tokens: torch.Tensor,
                     positions: torch.Tensor, allowed: torch.Tensor, cache: LayerCache,
                     start: int) -> torch.Tensor:
         """`step` for drafting: features [1, n, H], next_tokens [1, n] -> a [1, n, H], the rows'
         keys/values written to rows ``start ..`` of ``cache`` (see `DraftDecoderLayer.step_cached`)."""
-        x = draft_linear(torch.cat([features, self.embed_weight[next_tokens]], -1), self.fc.weight)
-        return self.layer.step_cached(x, positions, allowed, cache, start)
+        return self.layer.step_cached(self._fused(features, next_tokens), positions, allowed,
+                                      cache, start)
 
-    def logits(self, a: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> draft logits [..., Vd]."""
-        return draft_linear(a if self.out_norm is None else self.out_norm(a), self.head_weight)
+    def logits(self, a: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., H] -> draft logits [..., Vd] (or over ``head``'s rows, a slice of the head)."""
+        return draft_linear(a if self.out_norm is None else self.out_norm(a),
+                            self.head_weight if head is None else head)
 
     # ------------------------------------------------------------------ training
     def unroll(self, u0: torch.Tensor, next_tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
@@ -300,11 +305,6 @@ class EagleDrafter(DrafterBase):
         self._fed = start + m
         return a[0, -1]
 
-    def _logits(self, a: torch.Tensor) -> torch.Tensor:
-        """`EagleModule.logits` over the head's first ``head_vocab`` rows."""
-        module = self.module
-        return draft_linear(a if module.out_norm is None else module.out_norm(a), self._head)
-
     @torch.no_grad()
     def propose(self, state: DecodingState) -> DraftTree:
         if self.module is None or self._head is None:
@@ -353,7 +353,7 @@ class EagleDrafter(DrafterBase):
             path = rank_path[parent] if parent >= 0 else ()
             return sorted(p[-1] for p in self.tree_paths if len(p) == len(path) + 1 and p[:-1] == path)
 
-        add_children([-1], self._logits(root_out)[None], 1)
+        add_children([-1], module.logits(root_out, self._head)[None], 1)
         max_depth = self.depth if self.dynamic else max(len(p) for p in self.tree_paths)
         max_nodes = self.max_nodes
         if self.dynamic and state.node_budget is not None:
@@ -384,7 +384,7 @@ class EagleDrafter(DrafterBase):
             positions = torch.full((len(level),), root_pos + depth - 1, device=u.device)
             a = module.step_cached(u, next_tokens, positions, allowed, self._cache, context + n_tree)
             n_tree += len(level)
-            logits = self._logits(a[0])  # [n, Vd]
+            logits = module.logits(a[0], self._head)  # [n, Vd]
             for r, node in enumerate(level):
                 out_of[node] = a[0, r]
             add_children(level, logits, depth + 1)
