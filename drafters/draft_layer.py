@@ -100,10 +100,14 @@ class DraftDecoderLayer(nn.Module):
         inv_freq = 1.0 / rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """[n, d] rotary angles of positions [n]."""
+        freqs = positions.to(self.inv_freq.device).float()[:, None] * self.inv_freq  # [n, d/2]
+        return torch.cat([freqs, freqs], -1)
+
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, n, h, d] rotated by positions [n]."""
-        freqs = positions.to(self.inv_freq.device).float()[:, None] * self.inv_freq  # [n, d/2]
-        angles = torch.cat([freqs, freqs], -1)[:, None, :]  # [n, 1, d]
+        angles = self._angles(positions)[:, None, :]  # [n, 1, d]
         return x * angles.cos().to(x.dtype) + _rotate_half(x) * angles.sin().to(x.dtype)
 
     def _native_weights(self) -> list[torch.Tensor]:
@@ -123,10 +127,8 @@ class DraftDecoderLayer(nn.Module):
         return held[1]
 
     def _native_usable(self, x: torch.Tensor) -> bool:
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] == 1
-                and 1 <= x.shape[1] <= kernels.MAX_ROWS and self.qkv.weight.dtype == torch.float32
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad))
-                and kernels.available())
+        """One batch row whose products the kernel takes (`kernels.applies`)."""
+        return x.shape[0] == 1 and kernels.applies(x, self.qkv.weight)
 
     def step_cached(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
                     cache: "LayerCache", start: int) -> torch.Tensor:
@@ -142,8 +144,7 @@ class DraftDecoderLayer(nn.Module):
         if allowed.shape != (n, start + n):
             raise ValueError(f"allowed must be [{n}, {start + n}], got {tuple(allowed.shape)}")
         if self._native_usable(x):
-            freqs = positions.to(self.inv_freq.device).float()[:, None] * self.inv_freq
-            angles = torch.cat([freqs, freqs], -1)  # [n, d]
+            angles = self._angles(positions)
             eps = [self.input_norm.eps, self.post_norm.eps]
             out = kernels.native().decoder_layers(
                 x[0], angles.cos(), angles.sin(), allowed[None, None], self._native_weights(),

@@ -193,6 +193,16 @@ class SkinnyLinear:
 _PANELS: dict[int, tuple] = {}
 
 
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes ``x [..., K] @ weight.T``: float32 on CPU, no autograd, 1 to
+    `MAX_ROWS` rows, the kernel built."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.device.type == "cpu" and 1 <= rows <= MAX_ROWS
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and available())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            panel_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the kernel when it pays: float32 on CPU, no
@@ -202,12 +212,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     keeps the panels in bfloat16 (half the memory traffic, the product of the bf16-rounded
     weight accumulated in float32), which is what drafters use: their precision only moves
     how often they are right, and their products are bound by streaming weights."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
-            or not 1 <= rows <= MAX_ROWS
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or not available()):
+    if not applies(x, weight):
         return F.linear(x, weight, bias)
+    rows = x.numel() // max(1, x.shape[-1])
     stamp = (weight.data_ptr(), weight._version, panel_dtype)
     key = id(weight)
     held = _PANELS.get(key)
