@@ -24,6 +24,7 @@ _REGISTRY: dict[str, str] = {
     "eagle3": "drafters.eagle:Eagle3Drafter",
     "falcon": "drafters.falcon:FalconDrafter",
     "union": "drafters.union:UnionDrafter",
+    "quantized": "drafters.quantized:QuantizedSelfDrafter",
 }
 
 

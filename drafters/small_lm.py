@@ -1,8 +1,9 @@
 """A small causal LM as drafter: a chain or a top-k tree, greedy or sampled.
 
 The draft model must share the target's tokenizer. It keeps its own KV cache of the committed
-tokens: each step it rolls back last step's speculative tokens, feeds the newly committed ones,
-then grows the tree one depth per forward (tree attention through `specdec.target.TreeForward`,
+tokens: each step it keeps the speculative rows of last step's accepted draft tokens (the same
+rows a re-feed would compute), drops the others, feeds the rest of the newly committed tokens
+(at least the last one, whose logits start the tree), then grows the tree one depth per forward (tree attention through `specdec.target.TreeForward`,
 the same module the target uses). With ``branching`` b_d children per node at depth d and at most
 ``max_frontier`` nodes expanded per depth (the most probable paths, as EAGLE-2 reranks), a chain is
 ``branching=1``.
@@ -33,6 +34,7 @@ from specdec.target import TreeForward
 from specdec.tree import DraftTree
 
 MODES = ("greedy", "iid", "without_replacement")
+SYNC_MAX = 64  # newly committed tokens fed as one speculative chain; more go through prefill
 
 
 class SmallLMDrafter(DrafterBase):
@@ -48,13 +50,15 @@ class SmallLMDrafter(DrafterBase):
         branching = [branching] * depth if isinstance(branching, int) else list(branching)
         if len(branching) < depth or min(branching) < 1:
             raise ValueError(f"branching needs a positive count for each of the {depth} depths")
-        self.model = model.eval()
+        self.model = model.eval() if model is not None else None  # None: a subclass sets it
         self.depth = depth
         self.branching = branching[:depth]
         self.mode = mode
         self.max_frontier = max_frontier
         self._forward: TreeForward | None = None
         self._cached: list[int] = []  # committed tokens in the draft cache
+        # the draft cache's speculative tokens, in feeding order: (token, parent slot or -1)
+        self._slots: list[tuple[int, int]] = []
 
     def begin(self, state: DecodingState) -> None:
         from specdec.loop import target_vocab_size
@@ -65,19 +69,39 @@ class SmallLMDrafter(DrafterBase):
                 f"the draft model's vocabulary ({draft_vocab} tokens) does not match the target's "
                 f"({state.vocab_size}): use a draft model trained with the target's tokenizer"
             )
-        self._forward = TreeForward(self.model)
+        self._forward = self._make_forward(state)
         self._cached = []
+        self._slots = []
+
+    def _make_forward(self, state: DecodingState) -> TreeForward:
+        return TreeForward(self.model)
 
     def _sync(self, tokens: list[int]) -> torch.Tensor:
         """Bring the draft cache to ``tokens`` (all committed); return logits after the last [V]."""
         fwd = self._forward
-        fwd.rollback()
         common = 0
         limit = min(len(self._cached), len(tokens) - 1)  # always re-feed at least the last token
         while common < limit and self._cached[common] == tokens[common]:
             common += 1
-        fwd.crop(common)
-        out = fwd.prefill(torch.tensor(tokens[common:], dtype=torch.long))
+        kept: list[int] = []  # speculative slots on the committed path, root first
+        if common == len(self._cached):
+            parent = -1
+            for token in tokens[common: len(tokens) - 1]:
+                slot = next((i for i, (t, p) in enumerate(self._slots)
+                             if p == parent and t == token), None)
+                if slot is None:
+                    break
+                kept.append(slot)
+                parent = slot
+        fwd.commit(list(range(common)) + [fwd.base + slot for slot in kept])
+        self._slots = []
+        fresh = tokens[common + len(kept):]
+        if fwd.length == 0 or len(fresh) > SYNC_MAX:  # the prompt: the stock causal forward
+            out = fwd.prefill(torch.tensor(fresh, dtype=torch.long))
+        else:  # a few tokens: fed as a chain (the lean forward where the model has one)
+            out = fwd.forward(torch.tensor(fresh, dtype=torch.long),
+                              torch.arange(-1, len(fresh) - 1))
+            fwd.commit(list(range(fwd.length)))
         self._cached = list(tokens)
         return out.logits[-1]
 
@@ -119,6 +143,7 @@ class SmallLMDrafter(DrafterBase):
             expand = sorted(level[: self.max_frontier] if self.max_frontier else level)
             for node, _ in expand:
                 slot_of[node] = len(slot_of)
+                self._slots.append((tokens[node], slot_of.get(parents[node], -1)))
             out = self._forward.forward(
                 torch.tensor([tokens[node] for node, _ in expand]),
                 torch.tensor([slot_of.get(parents[node], -1) for node, _ in expand]))

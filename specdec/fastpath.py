@@ -66,13 +66,13 @@ class FusedLinear:
     (specdec/kernels.py) or an MKL-packed copy for `PACK_MIN` to `PACK_MAX` rows."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool,
-                 kernel: bool = False):
+                 kernel: bool = False, panel_dtype: torch.dtype = torch.float32):
         self.weight = weight.contiguous()
         self.bias = bias
         self.packed = None
         self.skinny = None
         if kernel:
-            self.skinny = kernels.SkinnyLinear(self.weight, bias)
+            self.skinny = kernels.SkinnyLinear(self.weight, bias, panel_dtype)
         elif pack:
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, PACK_MAX)
 
@@ -189,10 +189,20 @@ def _eps(norm: nn.Module) -> float:
 class FastForward:
     """Fused weights of one Llama-family model and its lean forward."""
 
-    def __init__(self, model: nn.Module, pack: bool | None = None, kernel: bool | None = None):
+    def __init__(self, model: nn.Module, pack: bool | None = None, kernel: bool | None = None,
+                 panel_dtype: torch.dtype = torch.float32):
+        """``panel_dtype=torch.bfloat16`` keeps every product's kernel panels in bfloat16: the
+        forward of the bf16-rounded weights, accumulated in float32, streaming half the bytes
+        (a cheaper, slightly different model: drafters/quantized.py drafts with it). It needs
+        the kernel."""
         reason = supported(model)
         if reason is not None:
             raise ValueError(f"fast path unsupported: {reason}")
+        if panel_dtype not in kernels.PANEL_DTYPES:
+            raise ValueError(f"panel_dtype must be one of {kernels.PANEL_DTYPES}, got {panel_dtype}")
+        if panel_dtype != torch.float32 and kernel is False:
+            raise ValueError(f"{panel_dtype} panels need the skinny kernel (kernel=None or True)")
+        self.panel_dtype = panel_dtype
         self.model = model
         inner, layers, head = _attribute_chain(model)
         self.inner, self.head_module = inner, head
@@ -231,6 +241,8 @@ class FastForward:
         elif pack and not packable:
             raise ValueError("MKL packing needs float32 weights on CPU and PyTorch built with MKL")
         kernel = self.want_kernel
+        if self.panel_dtype != torch.float32:
+            kernel = True  # checked below: lower-precision panels exist only in the kernel
         if kernel is None:
             kernel = _kernel_default(weight)
         elif kernel:
@@ -247,24 +259,26 @@ class FastForward:
         self.pack = pack
         self.repeat_kv = weight.device.type != "cpu"
         self.layers = []
+        dt = self.panel_dtype
         with torch.no_grad():
             for layer in self.inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
                 projections = (attn.q_proj, attn.k_proj, attn.v_proj)
                 qkv = FusedLinear(torch.cat([p.weight.detach() for p in projections]),
-                                  _cat_bias(*projections), pack, kernel)
+                                  _cat_bias(*projections), pack, kernel, dt)
                 o = FusedLinear(attn.o_proj.weight.detach(), _detached(attn.o_proj.bias), pack,
-                                kernel)
+                                kernel, dt)
                 gate_up = FusedLinear(torch.cat([mlp.gate_proj.weight.detach(),
                                                  mlp.up_proj.weight.detach()]),
-                                      _cat_bias(mlp.gate_proj, mlp.up_proj), pack, kernel)
+                                      _cat_bias(mlp.gate_proj, mlp.up_proj), pack, kernel, dt)
                 down = FusedLinear(mlp.down_proj.weight.detach(), _detached(mlp.down_proj.bias),
-                                   pack, kernel)
+                                   pack, kernel, dt)
                 self.layers.append((layer, qkv, o, gate_up, down,
                                     _eps(layer.input_layernorm),
                                     _eps(layer.post_attention_layernorm)))
             head = self.head_module
-            self.head = FusedLinear(head.weight.detach(), _detached(head.bias), pack, kernel)
+            self.head = FusedLinear(head.weight.detach(), _detached(head.bias), pack, kernel,
+                                    dt)
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
         self.intermediate = self.layers[0][3].weight.shape[0] // 2

@@ -110,7 +110,7 @@ def _check(module) -> None:
 def _check_one(module, weight, bias, dtype, generator) -> None:
     n_out, k = weight.shape
     panels = pack(weight, dtype)
-    rounded = weight.to(dtype).float()
+    rounded = dequantized(weight, dtype)
     for rows in (1, 2, 5, 6, 7, 8, 9, 13, 20):
         x = torch.randn(rows, k, generator=generator)
         for b in (None, bias):
@@ -155,20 +155,52 @@ def load_error() -> str | None:
     return _state.get("error")
 
 
-PANEL_DTYPES = (torch.float32, torch.bfloat16)
+PANEL_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+SCALE_ROWS = 4  # an int8 panel's trailing rows: its 16 float32 column scales, as bytes
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: (values [N, K] int8, scales [N] float32) with
+    ``values * scales[:, None]`` the weight to within half a step of each row's scale."""
+    scales = weight.abs().amax(1).clamp_min(1e-12) / 127.0
+    values = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return values, scales.float()
+
+
+def dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float32 weight whose exact product ``pack(weight, dtype)`` panels compute."""
+    if dtype == torch.int8:
+        values, scales = quantize_int8(weight)
+        return values.float() * scales[:, None]
+    return weight.to(dtype).float()
 
 
 def pack(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[N, K] float32 -> panels [ceil(N/16), K, 16] of ``dtype`` (rows beyond N are zeros).
     ``torch.bfloat16`` panels stream half the bytes; the kernel widens them to float32 and
-    accumulates in float32, so the product is that of the bf16-rounded weight."""
+    accumulates in float32, so the product is that of the bf16-rounded weight.
+    ``torch.int8`` panels (a quarter of the bytes) hold `quantize_int8`'s values and, in
+    `SCALE_ROWS` more rows, each column's scale: [P, K + 4, 16]; the kernel sums the exact
+    products of the int8 values in float32 and scales the sums, up to summation order the
+    product of `dequantized` (weight, int8)."""
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
         raise ValueError(f"pack wants a 2-D float32 CPU weight, got {tuple(weight.shape)} "
                          f"{weight.dtype} on {weight.device}")
     if dtype not in PANEL_DTYPES:
-        raise ValueError(f"panels are float32 or bfloat16, not {dtype}")
+        raise ValueError(f"panels are float32, bfloat16 or int8, not {dtype}")
     n_out, k = weight.shape
     panels = -(-n_out // LANES)
+    if dtype == torch.int8:
+        values, scales = quantize_int8(weight)
+        out = weight.new_zeros(panels, k + SCALE_ROWS, LANES, dtype=torch.int8)
+        padded = weight.new_zeros(panels * LANES, k, dtype=torch.int8)
+        padded[:n_out] = values
+        out[:, :k] = padded.view(panels, LANES, k).transpose(1, 2)
+        column_scales = weight.new_zeros(panels * LANES)
+        column_scales[:n_out] = scales
+        out[:, k:] = column_scales.view(panels, LANES).view(torch.int8).view(panels, SCALE_ROWS,
+                                                                            LANES)
+        return out
     padded = weight.new_zeros(panels * LANES, k, dtype=dtype)
     padded[:n_out] = weight
     return padded.view(panels, LANES, k).transpose(1, 2).contiguous()
@@ -178,10 +210,11 @@ class SkinnyLinear:
     """``F.linear(x, weight, bias)`` through the kernel (any number of rows; it pays off for up
     to a few dozen). Build only where `available()`."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 panel_dtype: torch.dtype = torch.float32):
         self.module = native()
         self.n_out = int(weight.shape[0])
-        self.panels = pack(weight.detach())
+        self.panels = pack(weight.detach(), panel_dtype)
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,14 @@ class TreeForward:
 
         self.model = model
         self.output_hidden_states = output_hidden_states
-        # the lean Llama-family forward (specdec/fastpath.py) for every non-prefill forward
-        self.fast = fast_module.for_model(model, fastpath)
+        # the lean Llama-family forward (specdec/fastpath.py) for every non-prefill forward; a
+        # `FastForward` of this model is used as given (e.g. one with bfloat16 panels)
+        if isinstance(fastpath, fast_module.FastForward):
+            if fastpath.model is not model:
+                raise ValueError("the FastForward given as fastpath was built for another model")
+            self.fast = fastpath
+        else:
+            self.fast = fast_module.for_model(model, fastpath)
         # otherwise: multi-token forwards through transposed weight copies (specdec/gemm.py)
         self.linears = None if self.fast is not None else for_model(model, transposed_gemm)
         self.cache = DynamicCache(config=model.config)

@@ -51,6 +51,9 @@ DRAFTERS = {
                                                 mode="without_replacement"),
     "union": lambda t: drafters.get("union", members=[
         "pld", drafters.get("small-lm", model=perturbed_copy(t, 0.02), depth=3)]),
+    "quantized": lambda t: drafters.get("quantized", depth=3),
+    "quantized-int8-iid": lambda t: drafters.get("quantized", depth=3, precision="int8",
+                                                 mode="iid"),
     "medusa": trained("medusa"),
     "hydra": trained("hydra"),
     "hydra++": trained("hydra++"),

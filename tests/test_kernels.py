@@ -75,7 +75,7 @@ def test_bfloat16_panels_compute_the_bf16_rounded_weight_in_float32(shape):
                                    F.linear(x, rounded), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight),
                                    atol=1e-4, rtol=1e-5)
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
+    with pytest.raises(ValueError, match="float32, bfloat16 or int8"):
         kernels.pack(weight, torch.float16)
 
 

@@ -16,6 +16,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -48,13 +51,30 @@ constexpr int64_t kPrefetch = SPECDEC_PREFETCH;
 typedef uint16_t half_vec __attribute__((vector_size(kVecBytes / 2), aligned(2)));
 typedef uint32_t word_vec __attribute__((vector_size(kVecBytes)));
 
+typedef int8_t byte_vec __attribute__((vector_size(kVec), aligned(1)));
+typedef int32_t int_vec __attribute__((vector_size(kVecBytes)));
+// int8 panels end in kScaleRows extra rows of 16 x 4 bytes: the panel's 16 float32 column scales
+constexpr int64_t kScaleRows = 4;
+
 // kVec weights at p as floats: float32 as is; bfloat16 (the high half of a float32) widened by a
 // 16-bit shift, so a bfloat16 panel streams half the bytes and the products still accumulate in
-// float32.
+// float32; int8 converted exactly (the column's scale is applied once, to the sum).
 inline vec load_weights(const float* p) { return *(const vec*)p; }
 inline vec load_weights(const at::BFloat16* p) {
   return (vec)(__builtin_convertvector(*(const half_vec*)p, word_vec) << 16);
 }
+inline vec load_weights(const int8_t* p) {
+  // GCC scalarises the generic byte -> int conversion; the sign-extending loads are explicit
+#if defined(__AVX512F__)
+  return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+  return __builtin_convertvector(__builtin_convertvector(*(const byte_vec*)p, int_vec), vec);
+#endif
+}
+template <typename W> constexpr int64_t extra_rows() { return 0; }
+template <> constexpr int64_t extra_rows<int8_t>() { return kScaleRows; }
 
 template <int R, int C, typename W>
 inline void tile(const float* __restrict x, int64_t K, const W* __restrict panels,
@@ -64,7 +84,8 @@ inline void tile(const float* __restrict x, int64_t K, const W* __restrict panel
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = (vec){};
   const W* w[C];
-  for (int c = 0; c < C; ++c) w[c] = panels + (panel + c) * K * kLanes;
+  constexpr int64_t E = extra_rows<W>();
+  for (int c = 0; c < C; ++c) w[c] = panels + (panel + c) * (K + E) * kLanes;
   for (int64_t k = 0; k < K; ++k) {
     vec wv[V];
     for (int c = 0; c < C; ++c) {
@@ -75,6 +96,13 @@ inline void tile(const float* __restrict x, int64_t K, const W* __restrict panel
       const float xv = x[r * K + k];
       for (int v = 0; v < V; ++v) acc[r][v] += xv * wv[v];
     }
+  }
+  if constexpr (E > 0) {  // int8: the per-column scales stored after the panel's K rows
+    for (int c = 0; c < C; ++c)
+      for (int s = 0; s < kSub; ++s) {
+        const vec scale = *(const vecu*)((const float*)(w[c] + K * kLanes) + s * kVec);
+        for (int r = 0; r < R; ++r) acc[r][c * kSub + s] *= scale;
+      }
   }
   for (int c = 0; c < C; ++c) {
     const int64_t col = (panel + c) * kLanes;
@@ -124,20 +152,24 @@ void run_panels(const float* xp, int64_t M, int64_t K, const W* w, int64_t P, fl
 
 }  // namespace
 
-// x [M, K] float32, panels [P, K, 16] float32 or bfloat16 (P = ceil(N / 16)), bias [N] float32
-// or None -> [M, N] float32
+// x [M, K] float32, panels [P, K, 16] float32 or bfloat16, or [P, K + 4, 16] int8 (the last 4
+// rows: the 16 column scales as float32) (P = ceil(N / 16)), bias [N] float32 or None
+// -> [M, N] float32
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias,
                             int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.device().is_cpu(),
               "skinny_linear: x must be a 2-D float32 CPU tensor");
+  const auto type = panels.scalar_type();
   TORCH_CHECK(panels.dim() == 3 &&
-                  (panels.scalar_type() == torch::kFloat || panels.scalar_type() == torch::kBFloat16) &&
+                  (type == torch::kFloat || type == torch::kBFloat16 || type == torch::kChar) &&
                   panels.size(2) == kLanes && panels.is_contiguous(),
-              "skinny_linear: panels must be a contiguous float32 or bfloat16 [P, K, 16] tensor");
+              "skinny_linear: panels must be a contiguous float32, bfloat16 or int8 [P, K, 16] "
+              "tensor");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0);
-  TORCH_CHECK(panels.size(1) == K, "skinny_linear: x has ", K, " columns, the weight ",
-              panels.size(1));
+  const int64_t weight_rows = panels.size(1) - (type == torch::kChar ? kScaleRows : 0);
+  TORCH_CHECK(weight_rows == K, "skinny_linear: x has ", K, " columns, the weight ",
+              weight_rows);
   TORCH_CHECK(P * kLanes >= N && (P - 1) * kLanes < N, "skinny_linear: ", P,
               " panels cannot hold ", N, " outputs");
   const float* b = nullptr;
@@ -151,8 +183,10 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor panels, c10::optional
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (panels.scalar_type() == torch::kBFloat16)
+  if (type == torch::kBFloat16)
     run_panels(xp, M, K, panels.data_ptr<at::BFloat16>(), P, yp, N, b);
+  else if (type == torch::kChar)
+    run_panels(xp, M, K, panels.data_ptr<int8_t>(), P, yp, N, b);
   else
     run_panels(xp, M, K, panels.data_ptr<float>(), P, yp, N, b);
   return y;

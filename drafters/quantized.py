@@ -1,0 +1,95 @@
+"""Quantized self-drafting: the target drafts for itself with its weights in lower precision.
+
+The draft model is the target model run with bfloat16 weights (QSpec's idea: a low-precision pass
+of the same weights drafts, the full-precision pass verifies). On a float32 target the two
+models' greedy choices almost always agree, so a chain of ``depth`` drafted tokens is usually
+accepted whole (tau close to ``depth + 1``), while a draft forward streams half the weight bytes
+of a target forward. The verifier still decides every token, so with a lossless verifier the
+output is the float32 target's, exactly.
+
+How the low-precision copy is made:
+- CPU float32 Llama-family target with the skinny kernel (specdec/kernels.py): no copy of the
+  model, only the kernel's weight panels in bfloat16 (`specdec.fastpath.FastForward` with
+  ``panel_dtype=torch.bfloat16``: the product of the bf16-rounded weight, accumulated in float32);
+  norms, embeddings and attention stay float32.
+- any other float32 target (GPU, other architectures, no kernel): a bfloat16 copy of the model,
+  run by the stock forward.
+- a target already in half precision has no cheaper copy here: the drafter says so.
+
+Everything else (own KV cache, chain or tree, greedy or sampled children, the draft distribution
+recorded for the verifier) is `drafters.small_lm.SmallLMDrafter`'s. The draft is not free: each
+drafted token costs one low-precision forward (about 0.65 of a target forward on the embedded
+model), so unlike a Medusa head this pays only because nearly every drafted token is accepted.
+
+References:
+    Zhao, Lu, Wang, Kong, Wu. "QSpec: Speculative Decoding with Complementary Quantization
+    Schemes". EMNLP 2025. arXiv:2410.11305.
+    Zhang et al. "Draft & Verify: Lossless Large Language Model Acceleration via Self-Speculative
+    Decoding". ACL 2024. arXiv:2309.08168.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+
+from drafters.small_lm import SmallLMDrafter
+from specdec.state import DecodingState
+from specdec.target import TreeForward
+
+PRECISIONS = {"bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
+class QuantizedSelfDrafter(SmallLMDrafter):
+    """``depth`` tokens drafted per step by the target itself in ``precision``; ``branching``,
+    ``mode`` and ``max_frontier`` as for `SmallLMDrafter` (default: a greedy chain)."""
+
+    def __init__(self, depth: int = 6, precision: str = "bfloat16",
+                 branching: int | Sequence[int] = 1, mode: str = "greedy",
+                 max_frontier: int | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        super().__init__(None, depth=depth, branching=branching, mode=mode,
+                         max_frontier=max_frontier)
+        self.precision = precision
+        self._target = None
+        self._fast = None  # the target's FastForward with low-precision panels, if used
+        self.how: str | None = None  # "kernel panels" or "model copy", once begun
+
+    def begin(self, state: DecodingState) -> None:
+        if state.target is None:
+            raise ValueError("quantized self-drafting needs the target model in the decoding "
+                             "state (speculative_generate passes it)")
+        if state.target is not self._target:  # one low-precision copy per target
+            self._target = state.target
+            self.model, self.how = self._low_precision(state.target)
+        super().begin(state)
+
+    def _low_precision(self, target):
+        from specdec import fastpath, kernels
+
+        dtype = PRECISIONS[self.precision]
+        weight = next(target.parameters())
+        if weight.dtype != torch.float32:
+            raise ValueError(
+                f"the target is already in {weight.dtype}: quantized self-drafting drafts with a "
+                f"{self.precision} copy of a float32 target, which would not be cheaper here; "
+                f"load the target in float32, or use another drafter")
+        if (weight.device.type == "cpu" and fastpath.supported(target) is None
+                and kernels.enabled() and kernels.available()):
+            self._fast = fastpath.FastForward(target, panel_dtype=dtype)
+            return target, "kernel panels"
+        if dtype == torch.int8:
+            why = kernels.load_error() or fastpath.supported(target) or f"on {weight.device}"
+            raise ValueError(f"int8 self-drafting runs only on the CPU kernel's panels of a "
+                             f"Llama-family target, unavailable here ({why}): use "
+                             f"precision='bfloat16'")
+        self._fast = None
+        return copy.deepcopy(target).to(dtype).eval(), "model copy"
+
+    def _make_forward(self, state: DecodingState) -> TreeForward:
+        if self._fast is not None:
+            return TreeForward(self.model, fastpath=self._fast)
+        return TreeForward(self.model)
