@@ -7,13 +7,13 @@ accepted whole (tau close to ``depth + 1``), while a draft forward streams half 
 of a target forward. The verifier still decides every token, so with a lossless verifier the
 output is the float32 target's, exactly.
 
-How the low-precision copy is made:
+How the low-precision copy is made (``precision="auto"`` takes the first that applies):
 - CPU float32 Llama-family target with the skinny kernel (specdec/kernels.py): no copy of the
-  model, only the kernel's weight panels in bfloat16 (`specdec.fastpath.FastForward` with
-  ``panel_dtype=torch.bfloat16``: the product of the bf16-rounded weight, accumulated in float32);
-  norms, embeddings and attention stay float32.
+  model, only the kernel's weight panels, ``int8`` (per-row symmetric int8, a quarter of the
+  bytes) or ``bfloat16`` (half): `specdec.fastpath.FastForward` with ``panel_dtype``, the product
+  of the rounded weight accumulated in float32; norms, embeddings and attention stay float32.
 - any other float32 target (GPU, other architectures, no kernel): a bfloat16 copy of the model,
-  run by the stock forward.
+  run by the stock forward (``precision="bfloat16"``; int8 exists only as kernel panels).
 - a target already in half precision has no cheaper copy here: the drafter says so.
 
 Everything else (own KV cache, chain or tree, greedy or sampled children, the draft distribution
@@ -40,23 +40,27 @@ from specdec.state import DecodingState
 from specdec.target import TreeForward
 
 PRECISIONS = {"bfloat16": torch.bfloat16, "int8": torch.int8}
+CHOICES = ("auto", *PRECISIONS)
 
 
 class QuantizedSelfDrafter(SmallLMDrafter):
-    """``depth`` tokens drafted per step by the target itself in ``precision``; ``branching``,
-    ``mode`` and ``max_frontier`` as for `SmallLMDrafter` (default: a greedy chain)."""
+    """``depth`` tokens drafted per step by the target itself in ``precision`` ("auto",
+    "int8" or "bfloat16"); ``branching``, ``mode`` and ``max_frontier`` as for `SmallLMDrafter`
+    (default: a greedy chain; for sampling, ``mode="iid"`` records the draft distribution, so
+    the exact verifier accepts with probability min(1, p/q), nearly always here)."""
 
-    def __init__(self, depth: int = 6, precision: str = "bfloat16",
+    def __init__(self, depth: int = 6, precision: str = "auto",
                  branching: int | Sequence[int] = 1, mode: str = "greedy",
                  max_frontier: int | None = None):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision not in CHOICES:
+            raise ValueError(f"precision must be one of {CHOICES}, got {precision!r}")
         super().__init__(None, depth=depth, branching=branching, mode=mode,
                          max_frontier=max_frontier)
         self.precision = precision
         self._target = None
         self._fast = None  # the target's FastForward with low-precision panels, if used
-        self.how: str | None = None  # "kernel panels" or "model copy", once begun
+        # once begun: e.g. "int8 kernel panels" or "bfloat16 model copy"
+        self.how: str | None = None
 
     def begin(self, state: DecodingState) -> None:
         if state.target is None:
@@ -70,24 +74,28 @@ class QuantizedSelfDrafter(SmallLMDrafter):
     def _low_precision(self, target):
         from specdec import fastpath, kernels
 
-        dtype = PRECISIONS[self.precision]
         weight = next(target.parameters())
         if weight.dtype != torch.float32:
             raise ValueError(
                 f"the target is already in {weight.dtype}: quantized self-drafting drafts with a "
-                f"{self.precision} copy of a float32 target, which would not be cheaper here; "
+                f"lower-precision copy of a float32 target, which would not be cheaper here; "
                 f"load the target in float32, or use another drafter")
-        if (weight.device.type == "cpu" and fastpath.supported(target) is None
-                and kernels.enabled() and kernels.available()):
+        panels = (weight.device.type == "cpu" and fastpath.supported(target) is None
+                  and kernels.enabled() and kernels.available())
+        precision = self.precision
+        if precision == "auto":
+            precision = "int8" if panels else "bfloat16"
+        dtype = PRECISIONS[precision]
+        if panels:
             self._fast = fastpath.FastForward(target, panel_dtype=dtype)
-            return target, "kernel panels"
+            return target, f"{precision} kernel panels"
         if dtype == torch.int8:
             why = kernels.load_error() or fastpath.supported(target) or f"on {weight.device}"
             raise ValueError(f"int8 self-drafting runs only on the CPU kernel's panels of a "
                              f"Llama-family target, unavailable here ({why}): use "
                              f"precision='bfloat16'")
         self._fast = None
-        return copy.deepcopy(target).to(dtype).eval(), "model copy"
+        return copy.deepcopy(target).to(dtype).eval(), f"{precision} model copy"
 
     def _make_forward(self, state: DecodingState) -> TreeForward:
         if self._fast is not None:

@@ -17,7 +17,8 @@ This module computes the same function with fewer, larger operations:
 - where the kernel cannot be built (or ``SPECDEC_KERNEL=0``), on CPU float32 with MKL, products
   of 4 to `PACK_MAX` rows use MKL's packed-weight GEMM (``torch.ops.mkl._mkl_linear`` over
   weights packed once by ``_mkl_reorder_linear_weight``);
-- ``F.rms_norm``; rotary embeddings applied with one precomputed ``cos``/``sin`` pair per forward;
+- ``F.rms_norm`` (with the kernel: its one-pass native rows); rotary embeddings applied with one
+  precomputed ``cos``/``sin`` pair per forward;
 - attention through ``scaled_dot_product_attention(..., enable_gqa=True)``: no key/value copies.
 
 The cache is the same ``DynamicCache`` the Hugging Face forward uses, so prefill (which keeps the
@@ -354,7 +355,7 @@ class FastForward:
                 hidden += outputs
             return self._head(outputs[-1], hidden)
         for index, (layer, qkv, o, gate_up, down, eps1, eps2) in enumerate(self.layers):
-            normed = _rms_norm(h, layer.input_layernorm.weight, eps1)
+            normed = self._norm(h, layer.input_layernorm.weight, eps1)
             proj = qkv(normed)  # [n, q + 2 kv]
             # queries and keys rotated together: [nh + nkv, n, hd]
             qk = proj[:, : self.q_size + self.kv_size].view(n, nh + nkv, hd).transpose(0, 1)
@@ -370,16 +371,23 @@ class FastForward:
                 scale=layer.self_attn.scaling,
                 enable_gqa=nh != nkv and not self.repeat_kv)  # [1, nh, n, hd]
             h = h + o(attn[0].transpose(0, 1).reshape(n, self.q_size))
-            normed = _rms_norm(h, layer.post_attention_layernorm.weight, eps2)
+            normed = self._norm(h, layer.post_attention_layernorm.weight, eps2)
             gu = gate_up(normed)
             h = h + down(F.silu(gu[:, : self.intermediate]) * gu[:, self.intermediate:])
             if hidden is not None:
                 hidden.append(h)
         return self._head(h, hidden)
 
+    def _norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm: with the kernel, the native one-pass rows (``rms_norm_rows``, which the
+        native layer loop uses too, so both loops compute the same numbers)."""
+        if self.kernel and h.dtype == torch.float32 and h.dim() == 2:
+            return kernels.native().rms_norm_rows(h, weight, eps)
+        return _rms_norm(h, weight, eps)
+
     def _head(self, h: torch.Tensor, hidden: list | None):
         final = self.inner.norm
-        h = _rms_norm(h, final.weight, _eps(final))
+        h = self._norm(h, final.weight, _eps(final))
         if hidden is not None:
             hidden[-1] = h
         return self.head(h), (tuple(hidden) if hidden is not None else None)

@@ -89,7 +89,7 @@ def _build():
     from torch.utils.cpp_extension import load_inline
 
     module = load_inline(f"specdec_skinny_{build_id()}", cpp_sources=SOURCE.read_text(),
-                         functions=["skinny_linear", "decoder_layers"],
+                         functions=["skinny_linear", "decoder_layers", "rms_norm_rows"],
                          extra_cflags=["-O3", "-march=native", "-fopenmp"],
                          extra_ldflags=["-fopenmp"], verbose=False)
     _check(module)

@@ -195,6 +195,23 @@ def test_native_layer_loop_equals_the_python_loop_exactly(arch, monkeypatch):
         assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
 
 
+@needs_kernel
+@pytest.mark.parametrize("width", [576, 37, 8, 3])
+def test_native_rms_norm_rows_equals_f_rms_norm(width):
+    generator = torch.Generator().manual_seed(width)
+    h = torch.randn(5, width, generator=generator) * 3
+    weight = torch.randn(width, generator=generator)
+    got = kernels.native().rms_norm_rows(h, weight, 1e-5)
+    torch.testing.assert_close(got, F.rms_norm(h, (width,), weight, 1e-5), atol=1e-6, rtol=1e-5)
+    # a column slice (not contiguous) is read correctly
+    wide = torch.randn(5, 2 * width, generator=generator)
+    torch.testing.assert_close(kernels.native().rms_norm_rows(wide[:, ::2], weight, 1e-6),
+                               F.rms_norm(wide[:, ::2], (width,), weight, 1e-6),
+                               atol=1e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="weight float32 with H elements"):
+        kernels.native().rms_norm_rows(h, weight[:-1], 1e-5)
+
+
 def test_kernels_linear_equals_f_linear_and_follows_weight_changes():
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(40, 24, generator=generator)

@@ -118,10 +118,11 @@ def greedy_reference(model, prompt, n):
 
 
 @pytest.mark.parametrize("arch,precision,how", [
-    pytest.param("llama", "bfloat16", "kernel panels", marks=needs_kernel),
-    pytest.param("llama", "int8", "kernel panels", marks=needs_kernel),
-    pytest.param("qwen2", "int8", "kernel panels", marks=needs_kernel),
-    ("gpt2", "bfloat16", "model copy"),
+    pytest.param("llama", "bfloat16", "bfloat16 kernel panels", marks=needs_kernel),
+    pytest.param("llama", "int8", "int8 kernel panels", marks=needs_kernel),
+    pytest.param("qwen2", "auto", "int8 kernel panels", marks=needs_kernel),
+    ("gpt2", "bfloat16", "bfloat16 model copy"),
+    ("gpt2", "auto", "bfloat16 model copy"),
 ])
 @pytest.mark.parametrize("verifier", ["greedy", "exact"])
 def test_quantized_self_drafting_matches_generate(arch, precision, how, verifier):
@@ -199,5 +200,6 @@ def test_embedded_model_quantized_self_drafting(embedded, precision):
     out = speculative_generate(model, ids, drafter=drafter, verifier="greedy", max_new_tokens=64,
                                eos_token_id=tokenizer.eos_token_id)
     assert out.sequences.tolist() == reference.tolist()
-    assert drafter.how == ("kernel panels" if kernels.available() else "model copy")
+    assert drafter.how == (f"{precision} kernel panels" if kernels.available()
+                           else f"{precision} model copy")
     assert out.stats.tau > 3.5
