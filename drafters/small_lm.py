@@ -3,10 +3,10 @@
 The draft model must share the target's tokenizer. It keeps its own KV cache of the committed
 tokens: each step it keeps the speculative rows of last step's accepted draft tokens (the same
 rows a re-feed would compute), drops the others, feeds the rest of the newly committed tokens
-(at least the last one, whose logits start the tree), then grows the tree one depth per forward (tree attention through `specdec.target.TreeForward`,
-the same module the target uses). With ``branching`` b_d children per node at depth d and at most
-``max_frontier`` nodes expanded per depth (the most probable paths, as EAGLE-2 reranks), a chain is
-``branching=1``.
+(at least the last one, whose logits start the tree), then grows the tree one depth per forward
+(tree attention through `specdec.target.TreeForward`, the same module the target uses). With
+``branching`` b_d children per node at depth d and at most ``max_frontier`` nodes expanded per
+depth (the most probable paths, as EAGLE-2 reranks), a chain is ``branching=1``.
 
 Children are ``"deterministic"`` (the top-b by draft logits) in greedy mode; in sampled mode they
 are drawn from the warped draft distribution, ``"without_replacement"`` (Gumbel-top-k) or

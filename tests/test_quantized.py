@@ -167,7 +167,8 @@ def test_small_lm_drafter_keeps_the_rows_of_accepted_drafts():
     original = TreeForward.forward
 
     def counting(self, token_ids, parents):
-        if self.model is drafter.model and bool((parents == torch.arange(-1, len(parents) - 1)).all()):
+        chain = torch.arange(-1, len(parents) - 1)
+        if self.model is drafter.model and bool((parents == chain).all()):
             fed.append(len(token_ids))  # the sync's chain of committed tokens
         return original(self, token_ids, parents)
 
