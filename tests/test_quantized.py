@@ -142,6 +142,31 @@ def test_quantized_self_drafting_matches_generate(arch, precision, how, verifier
     assert drafter.model is model
 
 
+@needs_kernel
+def test_quantized_drafter_samples_its_drafts_when_the_target_samples():
+    """mode="auto": top-1 chains at temperature 0; at temperature > 0 i.i.d. draws from the
+    recorded draft distribution, which the exact verifier accepts nearly always (p ~ q)."""
+    target = tiny_model("llama", vocab=96, scale=1.0)  # flat: top-1 drafts often miss a sample
+    target.generation_config.eos_token_id = None
+    runs = {}
+    for mode in ("auto", "greedy"):
+        drafter = drafters.get("quantized", depth=4, mode=mode)
+        trees = []
+        original = drafter.propose
+        drafter.propose = lambda state: trees.append(original(state)) or trees[-1]
+        out = speculative_generate(target, [[5, 17, 3]], drafter=drafter, verifier="exact",
+                                   max_new_tokens=48, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(0))
+        runs[mode] = out.stats.tau
+        kinds = {tree.sampling_of(-1) for tree in trees if len(tree)}
+        assert kinds == ({"iid"} if mode == "auto" else {"deterministic"})
+    assert runs["auto"] > 3.5 and runs["auto"] > runs["greedy"] + 0.5
+    drafter = drafters.get("quantized", depth=4)
+    speculative_generate(target, [[5, 17, 3]], drafter=drafter, verifier="greedy",
+                         max_new_tokens=8)
+    assert drafter.mode == "greedy"
+
+
 def test_quantized_drafter_says_what_to_change():
     with pytest.raises(ValueError, match="precision must be one of"):
         drafters.get("quantized", precision="fp8")
