@@ -167,7 +167,7 @@ def test_quantized_drafter_samples_its_drafts_when_the_target_samples():
     assert drafter.mode == "greedy"
 
 
-def test_quantized_drafter_says_what_to_change():
+def test_quantized_drafter_says_what_to_change(monkeypatch):
     with pytest.raises(ValueError, match="precision must be one of"):
         drafters.get("quantized", precision="fp8")
     with pytest.raises(ValueError, match="depth must be >= 1"):
@@ -177,9 +177,18 @@ def test_quantized_drafter_says_what_to_change():
         speculative_generate(half, [[1, 2, 3]], drafter="quantized", verifier="greedy",
                              max_new_tokens=4)
     gpt2 = tiny_model("gpt2")
-    with pytest.raises(ValueError, match="int8 self-drafting.*precision='bfloat16'"):
+    with pytest.raises(ValueError, match="int8 self-drafting.*model_type 'gpt2'.*"
+                                         "precision='bfloat16'"):
         speculative_generate(gpt2, [[1, 2, 3]], drafter=drafters.get("quantized", precision="int8"),
                              verifier="greedy", max_new_tokens=4)
+    monkeypatch.setenv(kernels.ENV, "0")
+    with pytest.raises(ValueError, match=f"unavailable here \\({kernels.ENV}=0\\)"):
+        speculative_generate(tiny_model("llama"), [[1, 2, 3]], verifier="greedy",
+                             drafter=drafters.get("quantized", precision="int8"), max_new_tokens=4)
+    off = drafters.get("quantized")  # auto: a bfloat16 copy instead
+    speculative_generate(tiny_model("llama"), [[1, 2, 3]], drafter=off, verifier="greedy",
+                         max_new_tokens=4)
+    assert off.how == "bfloat16 model copy"
 
 
 def test_small_lm_drafter_keeps_the_rows_of_accepted_drafts():
