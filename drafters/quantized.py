@@ -110,6 +110,4 @@ class QuantizedSelfDrafter(SmallLMDrafter):
         return copy.deepcopy(target).to(dtype).eval(), f"{precision} model copy"
 
     def _make_forward(self, state: DecodingState) -> TreeForward:
-        if self._fast is not None:
-            return TreeForward(self.model, fastpath=self._fast)
-        return TreeForward(self.model)
+        return TreeForward(self.model, fastpath=self._fast if self._fast is not None else "auto")

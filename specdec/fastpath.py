@@ -192,10 +192,10 @@ class FastForward:
 
     def __init__(self, model: nn.Module, pack: bool | None = None, kernel: bool | None = None,
                  panel_dtype: torch.dtype = torch.float32):
-        """``panel_dtype=torch.bfloat16`` keeps every product's kernel panels in bfloat16: the
-        forward of the bf16-rounded weights, accumulated in float32, streaming half the bytes
-        (a cheaper, slightly different model: drafters/quantized.py drafts with it). It needs
-        the kernel."""
+        """``panel_dtype=torch.bfloat16`` or ``torch.int8`` keeps every product's kernel panels
+        in that type (`kernels.pack`): the forward of the rounded weights, accumulated in
+        float32, streaming half or a quarter of the bytes (a cheaper, slightly different model:
+        drafters/quantized.py drafts with it). It needs the kernel."""
         reason = supported(model)
         if reason is not None:
             raise ValueError(f"fast path unsupported: {reason}")

@@ -190,20 +190,16 @@ def pack(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
         raise ValueError(f"panels are float32, bfloat16 or int8, not {dtype}")
     n_out, k = weight.shape
     panels = -(-n_out // LANES)
-    if dtype == torch.int8:
-        values, scales = quantize_int8(weight)
-        out = weight.new_zeros(panels, k + SCALE_ROWS, LANES, dtype=torch.int8)
-        padded = weight.new_zeros(panels * LANES, k, dtype=torch.int8)
-        padded[:n_out] = values
-        out[:, :k] = padded.view(panels, LANES, k).transpose(1, 2)
-        column_scales = weight.new_zeros(panels * LANES)
-        column_scales[:n_out] = scales
-        out[:, k:] = column_scales.view(panels, LANES).view(torch.int8).view(panels, SCALE_ROWS,
-                                                                            LANES)
-        return out
+    values, scales = quantize_int8(weight) if dtype == torch.int8 else (weight, None)
     padded = weight.new_zeros(panels * LANES, k, dtype=dtype)
-    padded[:n_out] = weight
-    return padded.view(panels, LANES, k).transpose(1, 2).contiguous()
+    padded[:n_out] = values
+    laid = padded.view(panels, LANES, k).transpose(1, 2)
+    if scales is None:
+        return laid.contiguous()
+    column_scales = weight.new_zeros(panels * LANES)
+    column_scales[:n_out] = scales
+    scale_rows = column_scales.view(torch.int8).view(panels, SCALE_ROWS, LANES)
+    return torch.cat([laid, scale_rows], 1)
 
 
 class SkinnyLinear:
