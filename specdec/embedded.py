@@ -48,6 +48,8 @@ def embedded_dir() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # a copy without weights: left by a conversion of an older version
+        shutil.rmtree(target, ignore_errors=True)
     # write into a sibling folder and rename, so an interrupted conversion leaves no half copy
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
@@ -61,9 +63,13 @@ def embedded_dir() -> Path:
             state.pop("lm_head.weight", None)
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            # another process finished the same conversion first: keep its copy, which
+            # readers may already have open, and drop ours
+            if not (target / "model.safetensors").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
