@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from specdec import kernels
+from specdec.engine import kernels
 from specdec.embedded import load_embedded
-from specdec.fastpath import FastForward
+from specdec.engine.fastpath import FastForward
 from specdec.target import TreeForward
 from specdec.tree import DraftTree
 

@@ -79,7 +79,7 @@ class QuantizedSelfDrafter(SmallLMDrafter):
         super().begin(state)
 
     def _low_precision(self, target):
-        from specdec import fastpath, kernels
+        from specdec.engine import fastpath, kernels
 
         weight = next(target.parameters())
         if weight.dtype != torch.float32:
