@@ -1,6 +1,6 @@
 """The CPU engine: how the target's verify forwards and the drafters' products are computed.
 
-- `linear` (specdec/engine/linear.py): ``F.linear(x, weight, bias)`` for any caller, through the
+- `linear` (specdec/engine/backends.py): ``F.linear(x, weight, bias)`` for any caller, through the
   skinny-GEMM kernel where it pays (float32 CPU inference, 1 to 64 rows), else ``F.linear``;
   `Linear`: one weight's product through a backend picked once (``"kernel"`` panels of float32,
   bfloat16 or int8; ``"mkl"`` packed; ``"transposed"``; ``"torch"``).
@@ -27,7 +27,7 @@ from torch import nn
 from specdec.engine import fastpath, gemm, kernels
 from specdec.engine.fastpath import FastForward
 from specdec.engine.gemm import TransposedLinears
-from specdec.engine.linear import BACKENDS, Linear, linear
+from specdec.engine.backends import BACKENDS, Linear, linear
 from specdec.engine.snapshot import Snapshot
 
 __all__ = ["BACKENDS", "FastForward", "Linear", "Snapshot", "TransposedLinears", "for_model",

@@ -10,7 +10,7 @@ This module computes the same function with fewer, larger operations:
 
 - q/k/v projections fused into one matrix product, gate/up into another (one weight each, the
   rows concatenated; every output element is the same dot product as before);
-- every product is a `specdec.engine.linear.Linear` whose backend is picked once per build: on
+- every product is a `specdec.engine.backends.Linear` whose backend is picked once per build: on
   CPU float32, products of 1 to `KERNEL_MAX` rows use the skinny-GEMM kernel
   (specdec/engine/kernels.py: weights packed once into 16-column panels, read once for all
   rows), and the decoder-layer loop runs as one native call (``decoder_layers``, the same ATen operations as
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.engine import kernels
-from specdec.engine.linear import KERNEL_MAX, Linear, choose, kernel_usable, mkl_usable
+from specdec.engine.backends import KERNEL_MAX, Linear, choose, kernel_usable, mkl_usable
 from specdec.engine.snapshot import Snapshot
 
 ENV = "SPECDEC_FASTPATH"

@@ -11,7 +11,7 @@ from 219 ms to 185 ms; on two threads the two layouts are within timing noise
 (``benchmarks/bench_gemm.py``, table in docs/drafters.md).
 
 `TransposedLinears` keeps a contiguous transposed copy of each plain ``nn.Linear`` weight (a
-`specdec.engine.linear.Linear` with the ``"transposed"`` backend) and, only inside ``active(n)``
+`specdec.engine.backends.Linear` with the ``"transposed"`` backend) and, only inside ``active(n)``
 with ``n >= MIN_TOKENS`` (4), routes the module's forward through it;
 outside (and for forwards of 1-3 tokens, where the stock path is as fast) the module runs its own
 forward, so ``model.generate`` and everything else
@@ -33,7 +33,7 @@ import os
 import torch
 from torch import nn
 
-from specdec.engine.linear import TRANSPOSED_MIN, Linear
+from specdec.engine.backends import TRANSPOSED_MIN, Linear
 from specdec.engine.snapshot import Snapshot
 
 AUTO_MAX_BYTES = 4 << 30

@@ -24,7 +24,7 @@ The same extension holds ``decoder_layers``: specdec/engine/fastpath.py's layer 
 products on the kernel, rotary embeddings, in-place cache rows, ``scaled_dot_product_attention``,
 SwiGLU) as one native call, the same ATen operations in the same order as the Python loop, so it
 computes the same numbers without ~20 Python-level operator calls per layer. The products go
-through `specdec.engine.linear` (the ``"kernel"`` backend of `Linear`, and `linear` for
+through specdec/engine/backends.py (the ``"kernel"`` backend of `Linear`, and `linear` for
 drafters' own small products).
 
 Numerics: each output is the same dot product in float32, summed in a different order than MKL's
