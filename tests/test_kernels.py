@@ -294,3 +294,16 @@ def test_every_backend_computes_f_linear_for_every_row_count(backend):
     if backend != "kernel":
         with pytest.raises(ValueError, match="need the kernel backend"):
             Linear(weight, None, backend, torch.bfloat16)
+
+
+def test_missing_build_tools_are_named_before_building(monkeypatch):
+    """Without a C++ compiler or ninja the build is not attempted, and the reason says which."""
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert "no C++ compiler" in kernels.missing_tool()
+    monkeypatch.setattr(kernels, "_state", {})
+    assert not kernels.available()
+    assert "no C++ compiler" in kernels.load_error()
+    monkeypatch.setattr(kernels.shutil, "which",
+                        lambda name: None if name == "ninja" else f"/usr/bin/{name}")
+    assert "no ninja" in kernels.missing_tool()
