@@ -1,4 +1,4 @@
-"""The cost-aware tree budget (specdec/cost.py): latency profiles, acceptance estimates, the
+"""The cost-aware tree budget (specdec/engine/cost.py): latency profiles, acceptance estimates, the
 choice of tree size, and the loop with ``tree_budget``."""
 
 from __future__ import annotations
