@@ -171,6 +171,7 @@ class FastForward:
         kernel = True if self.panel_dtype != torch.float32 else self.want_kernel
         backend = choose(weight, kernel, self.want_pack,
                          probe=self.inner.layers[0].self_attn.o_proj.weight.detach())
+        self.backend = backend
         self.kernel, self.pack = backend == "kernel", backend == "mkl"
         self.repeat_kv = weight.device.type != "cpu"
         self.layers = []
@@ -202,8 +203,7 @@ class FastForward:
         """One product of the rows of ``modules``' weights (and biases) concatenated."""
         weight = modules[0].weight.detach() if len(modules) == 1 else torch.cat(
             [m.weight.detach() for m in modules])
-        backend = "kernel" if self.kernel else "mkl" if self.pack else "torch"
-        return Linear(weight, _cat_bias(*modules), backend, self.panel_dtype)
+        return Linear(weight, _cat_bias(*modules), self.backend, self.panel_dtype)
 
     def _build_native(self) -> None:
         """Arguments of the kernel module's ``decoder_layers`` (the layer loop in one native call;
