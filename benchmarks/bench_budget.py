@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import drafters
-from specdec.cost import LatencyProfile, TreeBudget
+from specdec.engine.cost import LatencyProfile, TreeBudget
 from specdec.embedded import load_embedded
 from specdec.loop import speculative_generate
 

@@ -1,7 +1,7 @@
 """Verify-forward latency on the embedded model: the stock Hugging Face forward, the stock forward
-with the transposed-weight layout (specdec/gemm.py), the lean forward (specdec/fastpath.py) with
-MKL's packed GEMM ("fast-mkl") and with the skinny-GEMM kernel (specdec/kernels.py; "fast", the
-default), interleaved.
+with the transposed-weight layout (specdec/engine/gemm.py), the lean forward
+(specdec/engine/fastpath.py) with MKL's packed GEMM ("fast-mkl") and with the skinny-GEMM kernel
+(specdec/engine/kernels.py; "fast", the default), interleaved.
 
 For each size n (root + n - 1 chain nodes, after a ``--context``-token prefill) and each forward,
 ``--repeats`` timed `TreeForward.verify` calls after ``--warmup`` rounds, the forwards and sizes
@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from specdec import kernels
+from specdec.engine import kernels
 from specdec.embedded import load_embedded
-from specdec.fastpath import FastForward
+from specdec.engine.fastpath import FastForward
 from specdec.target import TreeForward
 from specdec.tree import DraftTree
 
@@ -54,7 +54,7 @@ def main() -> None:
                 "transposed": TreeForward(model, transposed_gemm=True, fastpath=False),
                 "fast-mkl": TreeForward(model, fastpath=True),
                 "fast": TreeForward(model, fastpath=True)}
-    # the lean forward with MKL's packed GEMM instead of the skinny kernel (specdec/kernels.py)
+    # the lean forward with MKL's packed GEMM instead of the skinny kernel (engine/kernels.py)
     forwards["fast-mkl"].fast = FastForward(model, kernel=False)
     if not forwards["fast"].fast.kernel:
         print(f"note: the skinny kernel is off here ({kernels.load_error() or kernels.ENV + '=0'})")

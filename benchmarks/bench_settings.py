@@ -21,7 +21,7 @@ import torch
 import drafters
 from bench_trained import DATA, encode, prompt_texts  # this folder is on sys.path as a script
 from specdec.cli import load_model
-from specdec.cost import make_budget
+from specdec.engine.cost import make_budget
 from specdec.loop import speculative_generate
 
 

@@ -30,7 +30,7 @@ import torch
 
 import drafters
 from specdec.cli import load_model, parse_kwargs
-from specdec.cost import make_budget
+from specdec.engine.cost import make_budget
 from specdec.loop import speculative_generate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

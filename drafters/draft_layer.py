@@ -8,8 +8,9 @@ every position of their block. So the layer takes its attention pattern as an ex
 matrix and returns its keys and values for the caller to cache, instead of hiding a KV cache.
 For drafting, `DraftDecoderLayer.step_cached` keeps them in a `LayerCache` (buffers written in
 place: a drafted tree's rows are overwritten by the next step's committed rows) and, in float32
-inference on CPU, runs the whole layer as one native call (specdec/kernels.py ``decoder_layers``)
-with its weights in bfloat16 panels of the skinny kernel (`DRAFT_PANELS`).
+inference on CPU, runs the whole layer as one native call (specdec/engine/kernels.py
+``decoder_layers``) with its weights in bfloat16 panels of the skinny kernel (`DRAFT_PANELS`).
+Drafters' products go through `specdec.engine.linear` with ``DRAFT_PANELS`` precision.
 
 Llama-style: pre-norm (RMSNorm), rotary position embeddings (the target's rope base), multi-head
 attention, SwiGLU MLP. Shapes: ``x [B, n, H]``, ``positions [n]``, ``allowed [n, m + n]`` (or
@@ -25,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specdec import kernels
+from specdec.engine import kernels, linear
+from specdec.engine.snapshot import Snapshot
 
 
 def rope_base(config) -> float:
@@ -48,7 +50,7 @@ class RMSNorm(nn.Module):
 def fast_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where the device multiplies it natively (a drafter's small matrix products are
     memory-bound: bf16 weights halve the traffic, ~4x faster on AVX512-BF16 CPUs), else float32.
-    On CPU with the skinny kernel built (specdec/kernels.py) float32 activations: the kernel's
+    On CPU with the skinny kernel built (specdec/engine/kernels.py) float32 activations: the kernel's
     products of a few rows, with the weights in bf16 panels (`DRAFT_PANELS`), beat oneDNN's
     bf16 ones there (docs/drafters.md). A drafter's precision never affects losslessness, only
     how often it is right."""
@@ -64,16 +66,9 @@ def fast_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-# the skinny kernel's panel precision for drafters' weights (specdec/kernels.py linear)
+# the precision of drafters' weights in their products (`specdec.engine.linear`): the skinny
+# kernel's panels in float32 CPU inference; elsewhere (training, other dtypes) F.linear
 DRAFT_PANELS = torch.bfloat16
-
-
-def draft_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """A drafter's product ``F.linear(x, weight, bias)``: in float32 inference of 1 to 64 rows on
-    CPU the skinny kernel with `DRAFT_PANELS` panels, else ``F.linear`` (training, autograd,
-    other dtypes and devices)."""
-    return kernels.linear(x, weight, bias, panel_dtype=DRAFT_PANELS)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -115,15 +110,14 @@ class DraftDecoderLayer(nn.Module):
         `DRAFT_PANELS`, no biases), remade when a parameter changes or the panel dtype does."""
         params = (self.input_norm.weight, self.qkv.weight, self.o_proj.weight,
                   self.post_norm.weight, self.gate_up.weight, self.down.weight)
-        stamp = tuple((p.data_ptr(), p._version) for p in params) + (DRAFT_PANELS,)
         held = getattr(self, "_native", None)
-        if held is None or held[0] != stamp:
+        if held is None or held[2] != DRAFT_PANELS or not held[0].matches(params):
             none = torch.empty(0)
             ln1, qkv, o, ln2, gate_up, down = (p.detach() for p in params)
             weights = [ln1, kernels.pack(qkv, DRAFT_PANELS), none, kernels.pack(o, DRAFT_PANELS),
                        none, ln2, kernels.pack(gate_up, DRAFT_PANELS), none,
                        kernels.pack(down, DRAFT_PANELS), none]
-            held = self._native = (stamp, weights)
+            held = self._native = (Snapshot(params), weights, DRAFT_PANELS)
         return held[1]
 
     def _native_usable(self, x: torch.Tensor) -> bool:
@@ -166,7 +160,7 @@ class DraftDecoderLayer(nn.Module):
 
         Returns (out [B, n, H], keys [B, n, h, d], values [B, n, h, d]) of the n new rows."""
         batch, n, hidden = x.shape
-        q, k, v = draft_linear(self.input_norm(x), self.qkv.weight).view(
+        q, k, v = linear(self.input_norm(x), self.qkv.weight, precision=DRAFT_PANELS).view(
             batch, n, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = self._rope(q, positions), self._rope(k, positions)
         keys = k if past_keys is None else torch.cat([past_keys, k], 1)
@@ -175,9 +169,12 @@ class DraftDecoderLayer(nn.Module):
         attn = nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=mask[:, None].to(x.device))  # [B, h, n, d]
-        h = x + draft_linear(attn.transpose(1, 2).reshape(batch, n, hidden), self.o_proj.weight)
-        gate, up = draft_linear(self.post_norm(h), self.gate_up.weight).chunk(2, -1)
-        return h + draft_linear(nn.functional.silu(gate) * up, self.down.weight), k, v
+        h = x + linear(attn.transpose(1, 2).reshape(batch, n, hidden), self.o_proj.weight,
+                       precision=DRAFT_PANELS)
+        gate, up = linear(self.post_norm(h), self.gate_up.weight,
+                          precision=DRAFT_PANELS).chunk(2, -1)
+        return h + linear(nn.functional.silu(gate) * up, self.down.weight,
+                          precision=DRAFT_PANELS), k, v
 
 
 class LayerCache:

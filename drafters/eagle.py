@@ -45,10 +45,11 @@ import torch
 from torch import nn
 
 from drafters.base import DrafterBase
-from drafters.draft_layer import (DraftDecoderLayer, LayerCache, RMSNorm, draft_linear, fast_dtype,
+from drafters.draft_layer import (DRAFT_PANELS, DraftDecoderLayer, LayerCache, RMSNorm, fast_dtype,
                                   rope_base)
 from drafters.medusa import DEFAULT_TREE, draft_probs_on_target
 from drafters.trained import TrainedModule, distillation_loss, draft_head_weight, rank_tree_children
+from specdec.engine import linear
 from specdec.state import DecodingState
 from specdec.tree import DraftTree
 
@@ -117,7 +118,8 @@ class EagleModule(TrainedModule):
 
     def _fused(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """The layer's input: fc(feature, embedding of the next token)."""
-        return draft_linear(torch.cat([features, self.embed_weight[next_tokens]], -1), self.fc.weight)
+        return linear(torch.cat([features, self.embed_weight[next_tokens]], -1), self.fc.weight,
+                      precision=DRAFT_PANELS)
 
     def step_cached(self, features: torch.Tensor, next_tokens: torch.Tensor,
                     positions: torch.Tensor, allowed: torch.Tensor, cache: LayerCache,
@@ -129,8 +131,8 @@ class EagleModule(TrainedModule):
 
     def logits(self, a: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         """[..., H] -> draft logits [..., Vd] (or over ``head``'s rows, a slice of the head)."""
-        return draft_linear(a if self.out_norm is None else self.out_norm(a),
-                            self.head_weight if head is None else head)
+        return linear(a if self.out_norm is None else self.out_norm(a),
+                      self.head_weight if head is None else head, precision=DRAFT_PANELS)
 
     # ------------------------------------------------------------------ training
     def unroll(self, u0: torch.Tensor, next_tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:

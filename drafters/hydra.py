@@ -33,9 +33,10 @@ from torch import nn
 
 from drafters.base import DrafterBase
 from drafters.medusa import DEFAULT_TREE, draft_probs_on_target
-from drafters.draft_layer import draft_linear
+from drafters.draft_layer import DRAFT_PANELS
 from drafters.trained import (ResBlock, TrainedModule, distillation_loss, draft_head_weight,
                               keep_likeliest, rank_tree_children)
+from specdec.engine import linear
 from specdec.state import DecodingState
 from specdec.tree import DraftTree
 
@@ -83,7 +84,7 @@ class HydraHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features [..., inputs * H] -> [..., H]"""
-        return self.blocks(draft_linear(features, self.project.weight, self.project.bias))
+        return self.blocks(linear(features, self.project.weight, self.project.bias, DRAFT_PANELS))
 
 
 class HydraHeads(TrainedModule):
@@ -119,7 +120,7 @@ class HydraHeads(TrainedModule):
         predicted one, root first, as target ids [..., k]."""
         embedded = self.embeddings[path_tokens].float().flatten(-2)  # [..., k * H]
         features = torch.cat([context, embedded], -1)
-        return draft_linear(self.heads[k - 1](features), self.head_weight)
+        return linear(self.heads[k - 1](features), self.head_weight, precision=DRAFT_PANELS)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         tokens = batch["tokens"]  # [B, T]

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from drafters.base import DrafterBase
-from drafters.draft_layer import draft_linear
+from drafters.draft_layer import DRAFT_PANELS
 from drafters.trained import (ResBlock, TrainedModule, distillation_loss, draft_head_weight,
                               keep_likeliest, rank_tree_children)
+from specdec.engine import linear
 from specdec.state import DecodingState
 from specdec.tree import DraftTree
 
@@ -66,7 +67,8 @@ class MedusaHeads(TrainedModule):
         """hidden [..., H] -> draft logits [..., K, Vd] (head k at index k - 1); ``heads``: only
         the first that many heads."""
         blocks = self.blocks if heads is None else self.blocks[:heads]
-        return draft_linear(torch.stack([b(hidden) for b in blocks], -2), self.head_weight)
+        return linear(torch.stack([b(hidden) for b in blocks], -2), self.head_weight,
+                      precision=DRAFT_PANELS)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         hidden = batch["hidden"]  # [B, T, H]

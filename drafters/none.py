@@ -1,7 +1,7 @@
 """The empty drafter: proposes no tokens, so the loop decodes one token per step.
 
 It is the ablation baseline for every other drafter: the same loop, cache handling and target
-forward (including specdec/fastpath.py's lean forward) without speculation, so a benchmark can
+forward (including the lean forward of specdec/engine/fastpath.py) without speculation, so a benchmark can
 tell how much of a speedup over ``model.generate`` comes from drafting and how much from the
 forward itself (``benchmarks/bench_trained.py --methods none,...``).
 """

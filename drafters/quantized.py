@@ -8,9 +8,9 @@ is usually accepted whole (tau close to ``depth + 1``), while a draft forward st
 output is the float32 target's, exactly.
 
 How the low-precision copy is made (``precision="auto"`` takes the first that applies):
-- CPU float32 Llama-family target with the skinny kernel (specdec/kernels.py): no copy of the
+- CPU float32 Llama-family target with the skinny kernel (specdec/engine/kernels.py): no copy of the
   model, only the kernel's weight panels, ``int8`` (per-row symmetric int8, a quarter of the
-  bytes) or ``bfloat16`` (half): `specdec.fastpath.FastForward` with ``panel_dtype``, the product
+  bytes) or ``bfloat16`` (half): `specdec.engine.FastForward` with ``panel_dtype``, the product
   of the rounded weight accumulated in float32; norms, embeddings and attention stay float32.
 - any other float32 target (GPU, other architectures, no kernel): a bfloat16 copy of the model,
   run by the stock forward (``precision="bfloat16"``; int8 exists only as kernel panels).
@@ -79,7 +79,7 @@ class QuantizedSelfDrafter(SmallLMDrafter):
         super().begin(state)
 
     def _low_precision(self, target):
-        from specdec import fastpath, kernels
+        from specdec.engine import fastpath, kernels
 
         weight = next(target.parameters())
         if weight.dtype != torch.float32:

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from drafters.draft_layer import draft_linear
+from drafters.draft_layer import DRAFT_PANELS
+from specdec.engine import linear
 from specdec.tree import DraftTree
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -118,7 +119,7 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + nn.functional.silu(draft_linear(x, self.linear.weight, self.linear.bias))
+        return x + nn.functional.silu(linear(x, self.linear.weight, self.linear.bias, DRAFT_PANELS))
 
 
 def keep_likeliest(tree: DraftTree, count: int) -> DraftTree:

@@ -208,7 +208,7 @@ class Method:
             drafter_kwargs = dict(spec.kwargs)
             # a loop option, not the drafter's: eagle2:tree_budget=auto
             # built once, so its acceptance estimates carry over from prompt to prompt
-            from specdec.cost import make_budget
+            from specdec.engine.cost import make_budget
             self.tree_budget = make_budget(drafter_kwargs.pop("tree_budget", None), model)
             if spec.name == "small-lm":
                 drafter_kwargs.setdefault("model", draft_model)

@@ -16,7 +16,7 @@ import copy
 
 import torch
 
-from specdec.cost import make_budget
+from specdec.engine.cost import make_budget
 from specdec.loop import speculative_generate
 
 # GenerationConfig fields whose non-default values change the output in ways the loop does not

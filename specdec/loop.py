@@ -16,7 +16,7 @@ import torch
 
 import drafters as drafter_registry
 import verifiers as verifier_registry
-from specdec.cost import make_budget
+from specdec.engine.cost import make_budget
 from specdec.sampling import SamplingConfig
 from specdec.state import DecodingState, GenerationStats, StepResult
 from specdec.target import TreeForward, context_length

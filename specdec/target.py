@@ -50,21 +50,22 @@ class TreeForward:
     def __init__(self, model, output_hidden_states: bool = False,
                  transposed_gemm: bool | str | None = "auto",
                  fastpath: bool | str | None = "auto"):
-        from specdec import fastpath as fast_module
-        from specdec.gemm import for_model
+        from specdec import engine
 
         self.model = model
         self.output_hidden_states = output_hidden_states
-        # the lean Llama-family forward (specdec/fastpath.py) for every non-prefill forward; a
-        # `FastForward` of this model is used as given (e.g. one with bfloat16 panels)
-        if isinstance(fastpath, fast_module.FastForward):
+        # the lean Llama-family forward (specdec/engine/fastpath.py) for every non-prefill
+        # forward, or multi-token forwards through transposed weight copies
+        # (specdec/engine/gemm.py); a `FastForward` of this model is used as given (e.g. one
+        # with bfloat16 panels)
+        if isinstance(fastpath, engine.FastForward):
             if fastpath.model is not model:
                 raise ValueError("the FastForward given as fastpath was built for another model")
-            self.fast = fastpath
+            chosen = fastpath
         else:
-            self.fast = fast_module.for_model(model, fastpath)
-        # otherwise: multi-token forwards through transposed weight copies (specdec/gemm.py)
-        self.linears = None if self.fast is not None else for_model(model, transposed_gemm)
+            chosen = engine.for_model(model, fastpath, transposed_gemm)
+        self.fast = chosen if isinstance(chosen, engine.FastForward) else None
+        self.linears = chosen if isinstance(chosen, engine.TransposedLinears) else None
         self.cache = DynamicCache(config=model.config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

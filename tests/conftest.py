@@ -64,6 +64,27 @@ def _threads(request):
     torch.set_num_threads(os.cpu_count() if "embedded" in request.fixturenames else 1)
 
 
+def require_kernels():
+    """The built CPU kernels (specdec/engine/kernels.py), built on first use, never at collection.
+    Skips where the host lacks the build tools (a C++ compiler, ninja) or ``SPECDEC_KERNEL=0``;
+    with the tools present a failed build is a failure, not a skip."""
+    from specdec.engine import kernels
+
+    missing = kernels.missing_tool()
+    if missing is not None:
+        pytest.skip(f"the CPU kernels cannot be built here: {missing}")
+    if not kernels.enabled():
+        pytest.skip(f"the CPU kernels are switched off ({kernels.ENV}=0)")
+    assert kernels.available(), f"the CPU kernels failed to build: {kernels.load_error()}"
+    return kernels.native()
+
+
+@pytest.fixture
+def native_kernels():
+    """`require_kernels` as a fixture."""
+    return require_kernels()
+
+
 @pytest.fixture(scope="session")
 def embedded():
     import specdec

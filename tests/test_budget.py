@@ -1,4 +1,4 @@
-"""The cost-aware tree budget (specdec/cost.py): latency profiles, acceptance estimates, the
+"""The cost-aware tree budget (specdec/engine/cost.py): latency profiles, acceptance estimates, the
 choice of tree size, and the loop with ``tree_budget``."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import drafters
 import specdec
 from conftest import tiny_model
 from drafters.base import DrafterBase
-from specdec.cost import AcceptanceEstimator, LatencyProfile, TreeBudget, make_budget
+from specdec.engine.cost import AcceptanceEstimator, LatencyProfile, TreeBudget, make_budget
 from specdec.loop import speculative_generate
 from specdec.state import StepResult
 from specdec.tree import DraftTree, TreeError

@@ -160,7 +160,7 @@ def test_budget_hint_drafts_less_and_fewer_levels(target, hint):
 
 def test_greedy_lossless_under_a_budget_that_cuts(target):
     from specdec import speculative_generate
-    from specdec.cost import LatencyProfile, TreeBudget
+    from specdec.engine.cost import LatencyProfile, TreeBudget
 
     module = module_for("eagle", target)
     prompt = torch.tensor([[5, 17, 3, 40, 22, 9]])

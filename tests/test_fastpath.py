@@ -1,4 +1,4 @@
-"""specdec.fastpath: the lean Llama-family forward computes what the Hugging Face forward computes
+"""specdec.engine.fastpath: the lean Llama-family forward computes what the Hugging Face forward computes
 (logits, hidden states, cache), on trees, after commits and grown over several calls; it is used
 by the loop and stays greedy-lossless on the embedded model; unsupported models and bad settings
 are refused clearly."""
@@ -11,8 +11,10 @@ import transformers
 from torch import nn
 
 import specdec
-from conftest import mt_bench_prompts, tiny_config, tiny_model
-from specdec import fastpath, kernels
+from conftest import mt_bench_prompts, require_kernels, tiny_config, tiny_model
+from specdec import engine
+from specdec.engine import fastpath, kernels
+from specdec.engine.backends import KERNEL_MAX, Linear, mkl_available, packing_works
 from specdec.target import TreeForward
 from specdec.tree import DraftTree
 
@@ -35,13 +37,12 @@ def pair(model, hidden=True, kernel=None):
     force the skinny-GEMM kernel on or off)."""
     stock = TreeForward(model, fastpath=False, transposed_gemm=False, output_hidden_states=hidden)
     fast = TreeForward(model, fastpath=True, output_hidden_states=hidden)
+    if kernel:
+        require_kernels()
     if kernel is not None:
         fast.fast = fastpath.FastForward(model, kernel=kernel)
         assert fast.fast.kernel is kernel
     return stock, fast
-
-
-KERNEL_SETTINGS = [False] + ([True] if kernels.available() else [])
 
 
 def assert_same_outputs(ref, got, atol=1e-5):
@@ -52,7 +53,7 @@ def assert_same_outputs(ref, got, atol=1e-5):
             torch.testing.assert_close(b, a, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("kernel", KERNEL_SETTINGS)
+@pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("arch", FAST_ARCHS + ["qwen2-bias"])
 def test_fast_forward_matches_stock_over_many_steps(arch, kernel):
     model = biased_qwen2() if arch == "qwen2-bias" else tiny_model(arch, scale=3.0)
@@ -65,7 +66,7 @@ def test_fast_forward_matches_stock_over_many_steps(arch, kernel):
     for step in range(14):
         # 1 to 15 rows (the stock, MKL-packed and stock-again ranges), and twice more rows than
         # the skinny kernel takes (F.linear again)
-        n = rng.randint(0, 14) if step < 12 else fastpath.KERNEL_MAX + rng.randint(0, 8)
+        n = rng.randint(0, 14) if step < 12 else KERNEL_MAX + rng.randint(0, 8)
         tree = DraftTree([rng.randrange(96) for _ in range(n)],
                          [rng.randint(-1, i - 1) for i in range(n)])
         outs = [fwd.verify(committed[-1], tree) for fwd in (stock, fast)]
@@ -103,18 +104,18 @@ def test_fast_forward_in_bfloat16_matches_stock_argmax():
     assert torch.equal(got.logits.argmax(-1), ref.logits.argmax(-1))
 
 
-@pytest.mark.skipif(not fastpath._mkl_available(), reason="packing needs PyTorch built with MKL")
+@pytest.mark.skipif(not mkl_available(), reason="packing needs PyTorch built with MKL")
 @pytest.mark.parametrize("rows", [1, 3, 4, 8, 12, 13, 16])
-def test_fused_linear_equals_f_linear_for_every_row_count(rows):
+def test_packed_linear_equals_f_linear_for_every_row_count(rows):
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 40, generator=generator)
     bias = torch.randn(96, generator=generator)
-    layer = fastpath.FusedLinear(weight, bias, pack=True)
-    assert layer.packed is not None
+    layer = Linear(weight, bias, "mkl")
+    assert layer.copy is not None
     x = torch.randn(rows, 40, generator=generator)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, bias),
                                atol=1e-4, rtol=1e-5)
-    assert fastpath.packing_works(weight)
+    assert packing_works(weight)
 
 
 def test_weights_changed_after_building_are_picked_up():
@@ -177,17 +178,18 @@ def test_settings_and_environment(monkeypatch):
     assert TreeForward(model).fast is None  # "auto" declines copies beyond its memory bound
 
 
+@pytest.mark.slow
 def test_loop_uses_the_fast_path_and_stays_greedy_lossless_on_the_embedded_model(embedded,
                                                                                 monkeypatch):
     model, tokenizer = embedded
     built = []
-    original = fastpath.for_model
+    original = engine.for_model
 
     def spy(*args, **kwargs):
         built.append(original(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(fastpath, "for_model", spy)
+    monkeypatch.setattr(engine, "for_model", spy)
     for text in mt_bench_prompts(2):
         chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
@@ -199,9 +201,10 @@ def test_loop_uses_the_fast_path_and_stays_greedy_lossless_on_the_embedded_model
             assert out.new_token_ids == want, drafter
     assert built and all(isinstance(f, fastpath.FastForward) for f in built)
     assert built[0].kernel == kernels.available()
-    assert built[0].pack == (fastpath._mkl_available() and not built[0].kernel)
+    assert built[0].pack == (mkl_available() and not built[0].kernel)
 
 
+@pytest.mark.slow
 def test_no_drafter_decodes_one_token_per_step(embedded):
     model, tokenizer = embedded
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
@@ -241,7 +244,7 @@ def test_decisions_follow_the_weights_when_they_change_dtype():
     it (MKL packs float32 only) and still matches the stock forward."""
     model = tiny_model("llama", scale=3.0)
     fast = fastpath.FastForward(model, kernel=False)
-    assert fast.pack == fastpath._mkl_available()
+    assert fast.pack == mkl_available()
     model.to(torch.bfloat16)
     fast.refresh()
     assert fast.pack is False and fast.layers[0][1].weight.dtype == torch.bfloat16
@@ -251,3 +254,20 @@ def test_decisions_follow_the_weights_when_they_change_dtype():
         fastpath.FastForward(model, kernel=True)
     with pytest.raises(ValueError, match="MKL packing needs float32 weights on CPU"):
         fastpath.FastForward(model, pack=True)
+
+
+def test_one_shared_forward_per_model_and_kind(monkeypatch):
+    """`engine.for_model` makes a model's fused or transposed copies once, whoever asks."""
+    monkeypatch.delenv(fastpath.ENV, raising=False)
+    model = tiny_model("llama")
+    assert engine.forward_kind(model) == "fast"
+    assert engine.forward_kind(model, False) == "transposed"
+    assert engine.forward_kind(model, False, False) == "stock"
+    fast = engine.for_model(model)
+    assert isinstance(fast, fastpath.FastForward) and engine.for_model(model) is fast
+    assert TreeForward(model).fast is fast
+    transposed = engine.for_model(model, False)
+    assert isinstance(transposed, engine.TransposedLinears)
+    assert TreeForward(model, fastpath=False).linears is transposed
+    assert engine.for_model(model, False, False) is None
+    assert engine.for_model(tiny_model("llama")) is not fast  # another model, its own copies

@@ -1,4 +1,4 @@
-"""The transposed-weight layout for multi-token forwards (specdec/gemm.py): same outputs as the
+"""The transposed-weight layout for multi-token forwards (specdec/engine/gemm.py): same outputs as the
 stock nn.Linear path, active only inside `active(n >= 2)`, restored afterwards, and chosen
 automatically only for float32 models on CPU."""
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import ARCHS, tiny_model
-from specdec import gemm
+from specdec.engine import gemm
 from specdec.target import TreeForward
 from specdec.tree import DraftTree
 
@@ -67,23 +67,23 @@ def test_modules_with_their_own_forward_are_left_alone():
 def test_auto_only_for_float32_on_cpu_and_the_environment_overrides(monkeypatch):
     monkeypatch.delenv(gemm.ENV, raising=False)
     model = tiny_model("llama")
-    assert gemm.wanted(model, "auto") and gemm.wanted(model, None)
-    assert not gemm.wanted(model, False) and gemm.wanted(model, True)
-    assert not gemm.wanted(tiny_model("llama").to(torch.bfloat16), "auto")
+    assert gemm.turned_on(model, "auto") and gemm.turned_on(model, None)
+    assert not gemm.turned_on(model, False) and gemm.turned_on(model, True)
+    assert not gemm.turned_on(tiny_model("llama").to(torch.bfloat16), "auto")
     monkeypatch.setattr(gemm, "AUTO_MAX_BYTES", 16)
-    assert not gemm.wanted(model, "auto")  # too big to hold a second copy of the weights
+    assert not gemm.turned_on(model, "auto")  # too big to hold a second copy of the weights
     monkeypatch.setenv(gemm.ENV, "1")
-    assert gemm.wanted(model, "auto")
+    assert gemm.turned_on(model, "auto")
     monkeypatch.setenv(gemm.ENV, "0")
-    assert not gemm.wanted(model, "auto") and gemm.wanted(model, True)
+    assert not gemm.turned_on(model, "auto") and gemm.turned_on(model, True)
     assert TreeForward(model, fastpath=False).linears is None
     assert TreeForward(model, fastpath=False, transposed_gemm=True).linears is not None
-    assert TreeForward(model).linears is None  # the fast path (specdec/fastpath.py) replaces it
+    assert TreeForward(model).linears is None  # the fast path (engine/fastpath.py) replaces it
     monkeypatch.setenv(gemm.ENV, "yes")
     with pytest.raises(ValueError, match="SPECDEC_TRANSPOSED_GEMM must be 0 or 1"):
-        gemm.wanted(model, "auto")
+        gemm.turned_on(model, "auto")
     with pytest.raises(ValueError, match="transposed_gemm must be"):
-        gemm.wanted(model, "fast")
+        gemm.turned_on(model, "fast")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,6 +1,9 @@
-"""specdec.kernels: the skinny-GEMM kernel computes F.linear (every row count, partial panels,
-biases, one or two threads), refuses bad input clearly, and can be switched off or fail to build
-without breaking the fast path (which then uses MKL's packed GEMM or F.linear)."""
+"""specdec.engine.kernels: the skinny-GEMM kernel computes F.linear (every row count, partial
+panels, biases, one or two threads), refuses bad input clearly, and can be switched off or fail
+to build without breaking the fast path (which then uses MKL's packed GEMM or F.linear);
+specdec.engine.backends: every backend of `Linear` computes F.linear, `linear` serves drafters'
+products from panels it remakes when the weight changes (`Snapshot`). The kernel is built by the
+tests that need it (the ``native_kernels`` fixture), never at collection."""
 
 import re
 
@@ -8,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
-from specdec import fastpath, kernels
+from conftest import require_kernels, tiny_model
+from specdec.engine import backends, fastpath, kernels
+from specdec.engine.backends import BACKENDS, KERNEL_MAX, Linear, choose, linear, mkl_available
+from specdec.engine.snapshot import Snapshot
 
-needs_kernel = pytest.mark.skipif(not kernels.available(),
-                                  reason=f"kernel not built here: {kernels.load_error()}")
+needs_kernel = pytest.mark.usefixtures("native_kernels")
 
 
 def test_pack_lays_out_panels_of_sixteen_columns():
@@ -36,17 +40,17 @@ def test_skinny_linear_equals_f_linear(shape, threads):
         generator = torch.Generator().manual_seed(shape[0])
         weight = torch.randn(*shape, generator=generator)
         bias = torch.randn(shape[0], generator=generator)
+        panels = kernels.pack(weight)
         for b in (None, bias):
-            layer = kernels.SkinnyLinear(weight, b)
             for rows in (1, 2, 3, 7, 8, 9, 16, 17, 33, 70):
                 x = torch.randn(rows, shape[1], generator=generator)
-                got = layer(x)
+                got = kernels.native().skinny_linear(x, panels, b, shape[0])
                 assert got.shape == (rows, shape[0]) and got.dtype == torch.float32
                 torch.testing.assert_close(got, F.linear(x, weight, b), atol=1e-4, rtol=1e-5)
         # a non-contiguous input (a column slice of a wider tensor) is read correctly
         wide = torch.randn(5, shape[1] * 2, generator=generator)
         x = wide[:, ::2]
-        torch.testing.assert_close(kernels.SkinnyLinear(weight, None)(x), F.linear(x, weight),
+        torch.testing.assert_close(Linear(weight, None, "kernel")(x), F.linear(x, weight),
                                    atol=1e-4, rtol=1e-5)
     finally:
         torch.set_num_threads(previous)
@@ -69,11 +73,11 @@ def test_bfloat16_panels_compute_the_bf16_rounded_weight_in_float32(shape):
         for b in (None, bias):
             got = kernels.native().skinny_linear(x, panels, b, shape[0])
             torch.testing.assert_close(got, F.linear(x, rounded, b), atol=1e-4, rtol=1e-5)
-    with torch.no_grad():  # kernels.linear caches panels per dtype
+    with torch.no_grad():  # linear caches panels per precision
         x = torch.randn(3, shape[1], generator=generator)
-        torch.testing.assert_close(kernels.linear(x, weight, panel_dtype=torch.bfloat16),
+        torch.testing.assert_close(linear(x, weight, precision=torch.bfloat16),
                                    F.linear(x, rounded), atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight),
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight),
                                    atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="float32, bfloat16 or int8"):
         kernels.pack(weight, torch.float16)
@@ -83,7 +87,7 @@ def test_bfloat16_panels_compute_the_bf16_rounded_weight_in_float32(shape):
 def test_profile_key_names_the_kernel_build(monkeypatch):
     """A latency profile measured with one build of the kernel is not reused with another (a
     changed source or another CPU)."""
-    from specdec.cost import profile_key
+    from specdec.engine.cost import profile_key
 
     model = tiny_model("llama")
     assert fastpath.kernel_wanted(model)
@@ -95,13 +99,14 @@ def test_profile_key_names_the_kernel_build(monkeypatch):
 
 @needs_kernel
 def test_kernel_refuses_mismatched_input():
-    layer = kernels.SkinnyLinear(torch.randn(32, 8), None)
+    panels = kernels.pack(torch.randn(32, 8))
+    product = kernels.native().skinny_linear
     with pytest.raises(RuntimeError, match="x has 9 columns, the weight 8"):
-        layer(torch.randn(2, 9))
+        product(torch.randn(2, 9), panels, None, 32)
     with pytest.raises(RuntimeError, match="2-D float32 CPU tensor"):
-        layer(torch.randn(2, 8, dtype=torch.float64))
+        product(torch.randn(2, 8, dtype=torch.float64), panels, None, 32)
     with pytest.raises(RuntimeError, match="bias must be float32 with 32 elements"):
-        kernels.SkinnyLinear(torch.randn(32, 8), torch.randn(31))(torch.randn(2, 8))
+        product(torch.randn(2, 8), panels, torch.randn(31), 32)
 
 
 def test_switched_off_by_the_environment(monkeypatch):
@@ -109,7 +114,7 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert not kernels.enabled() and not kernels.available()
     model = tiny_model("llama", scale=3.0)
     fast = fastpath.FastForward(model)
-    assert fast.kernel is False and fast.pack == fastpath._mkl_available()
+    assert fast.kernel is False and fast.pack == mkl_available()
     assert not fastpath.kernel_wanted(model)
     with pytest.raises(ValueError, match="skinny kernel needs float32 weights on CPU"):
         fastpath.FastForward(model, kernel=True)
@@ -132,21 +137,24 @@ def test_a_failed_build_falls_back_and_says_why(monkeypatch):
     with pytest.raises(ValueError, match=re.escape("could not be built: OSError: no C++ compiler")):
         fastpath.FastForward(model, kernel=True)
     with pytest.raises(RuntimeError, match="not available"):
-        kernels.SkinnyLinear(torch.randn(4, 4), None)
+        Linear(torch.randn(4, 4), None, "kernel")
+    x = torch.randn(2, 4)
+    with torch.no_grad():  # drafters' products take F.linear
+        torch.testing.assert_close(linear(x, torch.eye(4)), x)
 
 
 @needs_kernel
-def test_fused_linear_routes_rows_to_the_kernel_only_in_its_range(monkeypatch):
+def test_kernel_linear_routes_rows_to_the_kernel_only_in_its_range(monkeypatch):
     weight, bias = torch.randn(48, 16), torch.randn(48)
-    layer = fastpath.FusedLinear(weight, bias, pack=True, kernel=True)
-    assert layer.skinny is not None and layer.packed is None  # one fast copy, not two
+    assert choose(weight, kernel=True, pack=True) == "kernel"  # one fast copy, not two
+    layer = Linear(weight, bias, "kernel")
     calls = []
-    original = layer.skinny.__call__
-    monkeypatch.setattr(layer, "skinny", lambda x: calls.append(x.shape[0]) or original(x))
-    for rows in (1, fastpath.KERNEL_MAX, fastpath.KERNEL_MAX + 1):
+    original = layer._product
+    monkeypatch.setattr(layer, "_product", lambda x, m: calls.append(m) or original(x, m))
+    for rows in (1, KERNEL_MAX, KERNEL_MAX + 1):
         x = torch.randn(rows, 16)
         torch.testing.assert_close(layer(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
-    assert calls == [1, fastpath.KERNEL_MAX]
+    assert calls == [1, KERNEL_MAX]
 
 
 @needs_kernel
@@ -212,22 +220,90 @@ def test_native_rms_norm_rows_equals_f_rms_norm(width):
         kernels.native().rms_norm_rows(h, weight[:-1], 1e-5)
 
 
-def test_kernels_linear_equals_f_linear_and_follows_weight_changes():
+@needs_kernel
+def test_linear_equals_f_linear_and_follows_weight_changes():
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(40, 24, generator=generator)
     for shape in ((1, 24), (3, 5, 24), (kernels.MAX_ROWS + 1, 24)):
         x = torch.randn(*shape, generator=generator)
         with torch.no_grad():
-            torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight),
+            torch.testing.assert_close(linear(x, weight), F.linear(x, weight),
                                        atol=1e-4, rtol=1e-5)
     x = torch.randn(2, 24, generator=generator)
     with torch.no_grad():
         weight.mul_(-2)  # in place: the cached panels must be remade
-        torch.testing.assert_close(kernels.linear(x, weight), F.linear(x, weight),
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight),
+                                   atol=1e-4, rtol=1e-5)
+        bias = torch.zeros(40)
+        linear(x, weight, bias)
+        bias.add_(1.5)  # a bias written in place is seen too
+        torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias),
                                    atol=1e-4, rtol=1e-5)
     # autograd and other dtypes take F.linear (gradients flow)
     trained = torch.randn(40, 24, requires_grad=True)
-    kernels.linear(x, trained).sum().backward()
+    linear(x, trained).sum().backward()
     assert trained.grad is not None
-    half = kernels.linear(x.bfloat16(), weight.bfloat16())
+    half = linear(x.bfloat16(), weight.bfloat16())
     assert half.dtype == torch.bfloat16
+
+
+@needs_kernel
+def test_linear_drops_the_panels_of_a_dead_weight():
+    weight = torch.randn(40, 24)
+    with torch.no_grad():
+        linear(torch.randn(2, 24), weight)
+    key = (id(weight), torch.float32)
+    assert key in backends._CACHE
+    del weight
+    assert key not in backends._CACHE
+
+
+def test_snapshot_sees_replaced_moved_and_modified_tensors():
+    module = torch.nn.Linear(8, 4)
+    snapshot = Snapshot([module.weight, module.bias])
+    assert snapshot.matches([module.weight, module.bias])
+    assert not snapshot.matches([module.weight])  # another list of tensors
+    with torch.no_grad():
+        module.bias.add_(1.0)  # in place (a training step)
+    assert not snapshot.matches([module.weight, module.bias])
+    snapshot = Snapshot([module.weight, module.bias])
+    module.weight = torch.nn.Parameter(module.weight.detach().clone())  # replaced
+    assert not snapshot.matches([module.weight, module.bias])
+    snapshot = Snapshot([module.weight])
+    module.to(torch.float64)  # moved: new storage under the same parameter
+    assert not snapshot.matches([module.weight])
+    assert Snapshot([module.weight]).matches([module.weight])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_computes_f_linear_for_every_row_count(backend):
+    if backend == "kernel":
+        require_kernels()
+    if backend == "mkl" and not mkl_available():
+        pytest.skip("MKL packing needs PyTorch built with MKL")
+    generator = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(40, 24, generator=generator), torch.randn(40, generator=generator)
+    for b in (None, bias):
+        layer = Linear(weight, b, backend)
+        assert layer.backend == backend and (layer.copy is None) == (backend == "torch")
+        for shape in ((1, 24), (4, 24), (12, 24), (13, 24), (70, 24), (2, 3, 24)):
+            x = torch.randn(*shape, generator=generator)
+            torch.testing.assert_close(layer(x), F.linear(x, weight, b), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Linear(weight, None, "blas")
+    if backend != "kernel":
+        with pytest.raises(ValueError, match="need the kernel backend"):
+            Linear(weight, None, backend, torch.bfloat16)
+
+
+def test_missing_build_tools_are_named_before_building(monkeypatch):
+    """Without a C++ compiler or ninja the build is not attempted, and the reason says which."""
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert "no C++ compiler" in kernels.missing_tool()
+    monkeypatch.setattr(kernels, "_state", {})
+    assert not kernels.available()
+    assert "no C++ compiler" in kernels.load_error()
+    monkeypatch.setattr(kernels.shutil, "which",
+                        lambda name: None if name == "ninja" else f"/usr/bin/{name}")
+    assert "no ninja" in kernels.missing_tool()

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import drafters
-from conftest import mt_bench_prompts, tiny_model
-from specdec import fastpath, kernels, speculative_generate
+from conftest import mt_bench_prompts, require_kernels, tiny_model
+from specdec import speculative_generate
+from specdec.engine import fastpath, kernels, linear
 from specdec.target import TreeForward
 
-needs_kernel = pytest.mark.skipif(not kernels.available(),
-                                  reason=f"kernel not built here: {kernels.load_error()}")
+needs_kernel = pytest.mark.usefixtures("native_kernels")
 
 
 def test_int8_quantization_is_within_half_a_step_per_row():
@@ -64,7 +64,7 @@ def test_int8_panels_compute_the_int8_weight_in_float32(shape):
             torch.testing.assert_close(got, F.linear(x, reference, b), atol=1e-4, rtol=1e-5)
     with torch.no_grad():
         x = torch.randn(3, shape[1], generator=generator)
-        torch.testing.assert_close(kernels.linear(x, weight, panel_dtype=torch.int8),
+        torch.testing.assert_close(linear(x, weight, precision=torch.int8),
                                    F.linear(x, reference), atol=1e-4, rtol=1e-5)
 
 
@@ -84,7 +84,7 @@ def rounded_copy(model, dtype):
 def test_low_precision_fast_forward_is_the_rounded_model(arch, dtype):
     model = tiny_model(arch, vocab=96, scale=4.0)
     fast = fastpath.FastForward(model, panel_dtype=dtype)
-    assert fast.kernel and fast.layers[0][1].skinny.panels.dtype == dtype
+    assert fast.kernel and fast.layers[0][1].copy.dtype == dtype
     ours, reference = TreeForward(model, fastpath=fast), TreeForward(rounded_copy(model, dtype))
     exact = TreeForward(model, fastpath=False)
     prompt = torch.tensor([3, 17, 5, 60])
@@ -118,14 +118,16 @@ def greedy_reference(model, prompt, n):
 
 
 @pytest.mark.parametrize("arch,precision,how", [
-    pytest.param("llama", "bfloat16", "bfloat16 kernel panels", marks=needs_kernel),
-    pytest.param("llama", "int8", "int8 kernel panels", marks=needs_kernel),
-    pytest.param("qwen2", "auto", "int8 kernel panels", marks=needs_kernel),
+    ("llama", "bfloat16", "bfloat16 kernel panels"),
+    ("llama", "int8", "int8 kernel panels"),
+    ("qwen2", "auto", "int8 kernel panels"),
     ("gpt2", "bfloat16", "bfloat16 model copy"),
     ("gpt2", "auto", "bfloat16 model copy"),
 ])
 @pytest.mark.parametrize("verifier", ["greedy", "exact"])
 def test_quantized_self_drafting_matches_generate(arch, precision, how, verifier):
+    if "kernel" in how:
+        require_kernels()
     target = tiny_model(arch, vocab=96, scale=4.0)
     target.generation_config.eos_token_id = None
     prompt = [5, 17, 3, 40]
@@ -221,9 +223,11 @@ def test_small_lm_drafter_keeps_the_rows_of_accepted_drafts():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bfloat16", pytest.param("int8", marks=needs_kernel)])
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
 def test_embedded_model_quantized_self_drafting(embedded, precision):
-    """On the real model: token for token equal to generate, and tau above issue 6's 3.5."""
+    """On the real model: token for token equal to generate, and tau above 3.5."""
+    if precision == "int8":
+        require_kernels()
     model, tokenizer = embedded
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": mt_bench_prompts(2)[1]}], tokenize=False,

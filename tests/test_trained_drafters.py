@@ -334,7 +334,7 @@ def test_head_drafters_read_the_budget_hint(trained, target, kind, hint):
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_head_drafters_greedy_lossless_under_a_budget_that_cuts(trained, target, kind):
-    from specdec.cost import LatencyProfile, TreeBudget
+    from specdec.engine.cost import LatencyProfile, TreeBudget
 
     _, _, folder = trained[kind]
     prompt = torch.tensor([[5, 17, 3, 40, 22, 9]])

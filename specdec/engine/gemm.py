@@ -10,8 +10,9 @@ layers, on one thread, a 12-token verify forward goes from 150 ms to 113 ms and 
 from 219 ms to 185 ms; on two threads the two layouts are within timing noise
 (``benchmarks/bench_gemm.py``, table in docs/drafters.md).
 
-`TransposedLinears` keeps a contiguous transposed copy of each plain ``nn.Linear`` weight and,
-only inside ``active(n)`` with ``n >= MIN_TOKENS`` (4), routes the module's forward through it;
+`TransposedLinears` keeps a contiguous transposed copy of each plain ``nn.Linear`` weight (a
+`specdec.engine.backends.Linear` with the ``"transposed"`` backend) and, only inside ``active(n)``
+with ``n >= MIN_TOKENS`` (4), routes the module's forward through it;
 outside (and for forwards of 1-3 tokens, where the stock path is as fast) the module runs its own
 forward, so ``model.generate`` and everything else
 is untouched. The copies cost one extra set of linear weights in memory, so ``"auto"`` turns the
@@ -19,32 +20,27 @@ layout on only for float32 models on CPU whose linear weights take at most
 `AUTO_MAX_BYTES`. Outputs differ from the stock path only by float32 summation order (about 1e-5
 in the logits), the same kind of difference as between a 1-token and an n-token forward.
 A module whose ``forward`` is already replaced on the instance (e.g. accelerate's offload hooks)
-is left alone, and a weight that changed since its copy was made (training, ``load_state_dict``)
-is copied again.
+is left alone, and a weight that changed since its copy was made (training, ``load_state_dict``;
+`specdec.engine.snapshot.Snapshot`) is copied again. `specdec.engine.for_model` holds one
+`TransposedLinears` per model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 
 import torch
 from torch import nn
 
+from specdec.engine.backends import TRANSPOSED_MIN, Linear
+from specdec.engine.snapshot import Snapshot
+
 AUTO_MAX_BYTES = 4 << 30
 # below this many rows MKL's stock path is as fast or faster (1-3 rows: 0.12-0.13 ms against
 # 0.15-0.16 ms for the [576, 1536] product above), from 4 rows on the transposed copy wins
-MIN_TOKENS = 4
+MIN_TOKENS = TRANSPOSED_MIN
 ENV = "SPECDEC_TRANSPOSED_GEMM"  # "0" / "1" overrides "auto" (e.g. for an ablation)
-
-
-def _forward_with(weight_t: torch.Tensor, bias: torch.Tensor | None):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        out = rows @ weight_t if bias is None else torch.addmm(bias, rows, weight_t)
-        return out.view(*x.shape[:-1], weight_t.shape[1])
-    return forward
 
 
 class TransposedLinears:
@@ -53,15 +49,14 @@ class TransposedLinears:
     def __init__(self, model: nn.Module):
         self.modules = [m for m in model.modules()
                         if type(m) is nn.Linear and "forward" not in m.__dict__]
-        self._copies: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
+        self._copies: dict[int, tuple[Snapshot, Linear]] = {}
 
-    def _transposed(self, module: nn.Linear) -> torch.Tensor:
-        weight = module.weight
-        stamp = (weight.data_ptr(), weight._version)
+    def _transposed(self, module: nn.Linear) -> Linear:
+        sources = (module.weight,) if module.bias is None else (module.weight, module.bias)
         held = self._copies.get(id(module))
-        if held is None or held[0] != stamp:
-            held = (stamp, weight.detach().t().contiguous())
-            self._copies[id(module)] = held
+        if held is None or not held[0].matches(sources):
+            held = self._copies[id(module)] = (Snapshot(sources),
+                                               Linear(module.weight, module.bias, "transposed"))
         return held[1]
 
     @contextlib.contextmanager
@@ -76,7 +71,7 @@ class TransposedLinears:
             for module in self.modules:
                 if "forward" in module.__dict__:  # someone else's hook arrived since: theirs
                     continue
-                module.forward = _forward_with(self._transposed(module), module.bias)
+                module.forward = self._transposed(module)
                 patched.append(module)
             yield
         finally:
@@ -84,10 +79,7 @@ class TransposedLinears:
                 del module.forward
 
 
-_SHARED: "weakref.WeakKeyDictionary[nn.Module, TransposedLinears]" = weakref.WeakKeyDictionary()
-
-
-def wanted(model: nn.Module, setting: bool | str | None = "auto") -> bool:
+def turned_on(model: nn.Module, setting: bool | str | None = "auto") -> bool:
     """Whether ``setting`` (True, False, "auto" or None = "auto") turns the layout on for
     ``model``; the ``SPECDEC_TRANSPOSED_GEMM`` environment variable overrides "auto"."""
     if setting is None or setting == "auto":
@@ -105,13 +97,3 @@ def wanted(model: nn.Module, setting: bool | str | None = "auto") -> bool:
     if isinstance(setting, bool):
         return setting
     raise ValueError(f"transposed_gemm must be True, False or 'auto', got {setting!r}")
-
-
-def for_model(model: nn.Module, setting: bool | str | None = "auto") -> TransposedLinears | None:
-    """The model's shared `TransposedLinears` (copies made once per model), or None when off."""
-    if not wanted(model, setting):
-        return None
-    linears = _SHARED.get(model)
-    if linears is None:
-        linears = _SHARED[model] = TransposedLinears(model)
-    return linears

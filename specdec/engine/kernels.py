@@ -9,7 +9,7 @@ the lean forward. The products are bound
 by streaming the weights, not by arithmetic, so a kernel that reads each weight once for all rows
 can make 8 rows cost nearly what 1 row does.
 
-`specdec/csrc/cpu_kernels.cpp` does that: the weight is packed once into panels of 16 output
+`specdec/engine/csrc/cpu_kernels.cpp` does that: the weight is packed once into panels of 16 output
 columns ([ceil(N/16), K, 16], one contiguous stream per panel); each task holds a tile of
 accumulators in vector registers for the whole K loop (8 rows x 32 columns with AVX-512's 32
 registers, 6 rows x 16 columns with AVX2's 16), so every weight vector loaded feeds several fused
@@ -20,15 +20,16 @@ for the host CPU (``-O3 -march=native -fopenmp``; the build directory is keyed b
 the host's CPU flags, `build_id()`, so a home directory shared between machines never runs a
 binary built for another CPU, and latency profiles name the build they were measured with).
 
-The same extension holds ``decoder_layers``: specdec/fastpath.py's layer loop (norms, fused
+The same extension holds ``decoder_layers``: specdec/engine/fastpath.py's layer loop (norms, fused
 products on the kernel, rotary embeddings, in-place cache rows, ``scaled_dot_product_attention``,
 SwiGLU) as one native call, the same ATen operations in the same order as the Python loop, so it
-computes the same numbers without ~20 Python-level operator calls per layer. `linear` offers the
-kernel to drafters' own small products (drafters/draft_layer.py).
+computes the same numbers without ~20 Python-level operator calls per layer. The products go
+through specdec/engine/backends.py (the ``"kernel"`` backend of `Linear`, and `linear` for
+drafters' own small products).
 
 Numerics: each output is the same dot product in float32, summed in a different order than MKL's
 (differences of about 1e-6 relative, the kind a 1-token and an n-token product already differ
-by). `available()` checks the built kernel against ``F.linear`` once; `SkinnyLinear` falls back to
+by). `available()` checks the built kernel against ``F.linear`` once; `Linear` falls back to
 ``F.linear`` wherever the kernel is not used.
 
 Off switch: ``SPECDEC_KERNEL=0`` (then the fast path uses MKL's packed GEMM as before). When the
@@ -41,8 +42,8 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import threading
-import weakref
 from pathlib import Path
 
 import torch
@@ -85,9 +86,23 @@ def build_id() -> str:
     return f"{digest}_{_host_signature()}"
 
 
+def missing_tool() -> str | None:
+    """What the build needs and this host lacks (a C++ compiler: ``$CXX``, ``c++`` or ``g++``;
+    ``ninja``), or None."""
+    compilers = [os.environ.get("CXX", "").strip(), "c++", "g++"]
+    if not any(name and shutil.which(name) for name in compilers):
+        return "no C++ compiler on PATH (CXX, c++ or g++)"
+    if shutil.which("ninja") is None:
+        return "no ninja on PATH (pip install ninja)"
+    return None
+
+
 def _build():
     from torch.utils.cpp_extension import load_inline
 
+    missing = missing_tool()
+    if missing is not None:
+        raise RuntimeError(f"cannot build the CPU kernels: {missing}")
     module = load_inline(f"specdec_skinny_{build_id()}", cpp_sources=SOURCE.read_text(),
                          functions=["skinny_linear", "decoder_layers", "rms_norm_rows"],
                          extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -202,26 +217,6 @@ def pack(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return torch.cat([laid, scale_rows], 1)
 
 
-class SkinnyLinear:
-    """``F.linear(x, weight, bias)`` through the kernel (any number of rows; it pays off for up
-    to a few dozen). Build only where `available()`."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 panel_dtype: torch.dtype = torch.float32):
-        self.module = native()
-        self.n_out = int(weight.shape[0])
-        self.panels = pack(weight.detach(), panel_dtype)
-        self.bias = None if bias is None else bias.detach().float().contiguous()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module.skinny_linear(x, self.panels, self.bias, self.n_out)
-
-
-# id(weight) -> (weakref to the weight, (data pointer, version), panels); tensors compare
-# elementwise, so they cannot be the keys of a WeakKeyDictionary
-_PANELS: dict[int, tuple] = {}
-
-
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel takes ``x [..., K] @ weight.T``: float32 on CPU, no autograd, 1 to
     `MAX_ROWS` rows, the kernel built."""
@@ -230,27 +225,3 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.device.type == "cpu" and 1 <= rows <= MAX_ROWS
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and available())
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           panel_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the kernel when it pays: float32 on CPU, no
-    autograd, 1 to `MAX_ROWS` rows (x [..., K] flattened). The weight's panels are made on first
-    use and cached beside it (remade when the weight is modified in place or moved). For
-    drafters' small inference products (drafters/draft_layer.py); ``panel_dtype=torch.bfloat16``
-    keeps the panels in bfloat16 (half the memory traffic, the product of the bf16-rounded
-    weight accumulated in float32), which is what drafters use: their precision only moves
-    how often they are right, and their products are bound by streaming weights."""
-    if not applies(x, weight):
-        return F.linear(x, weight, bias)
-    rows = x.numel() // max(1, x.shape[-1])
-    stamp = (weight.data_ptr(), weight._version, panel_dtype)
-    key = id(weight)
-    held = _PANELS.get(key)
-    if held is None or held[0]() is not weight or held[1] != stamp:
-        ref = weakref.ref(weight, lambda _, key=key: _PANELS.pop(key, None))
-        held = _PANELS[key] = (ref, stamp, pack(weight.detach(), panel_dtype))
-    b = None if bias is None else bias.detach()
-    out = native().skinny_linear(x.reshape(rows, x.shape[-1]), held[2], b,
-                                         int(weight.shape[0]))
-    return out.view(*x.shape[:-1], weight.shape[0])

@@ -10,9 +10,10 @@ This module computes the same function with fewer, larger operations:
 
 - q/k/v projections fused into one matrix product, gate/up into another (one weight each, the
   rows concatenated; every output element is the same dot product as before);
-- on CPU float32, products of 1 to `KERNEL_MAX` rows use the skinny-GEMM kernel
-  (specdec/kernels.py: weights packed once into 16-column panels, read once for all rows), and
-  the decoder-layer loop runs as one native call (``decoder_layers``, the same ATen operations as
+- every product is a `specdec.engine.backends.Linear` whose backend is picked once per build: on
+  CPU float32, products of 1 to `KERNEL_MAX` rows use the skinny-GEMM kernel
+  (specdec/engine/kernels.py: weights packed once into 16-column panels, read once for all
+  rows), and the decoder-layer loop runs as one native call (``decoder_layers``, the same ATen operations as
   the Python loop below, bit-identical to it) instead of ~20 Python-level calls per layer;
 - where the kernel cannot be built (or ``SPECDEC_KERNEL=0``), on CPU float32 with MKL, products
   of 4 to `PACK_MAX` rows use MKL's packed-weight GEMM (``torch.ops.mkl._mkl_linear`` over
@@ -28,77 +29,31 @@ instead of ``torch.cat``-ed into new tensors every forward. Without the packed p
 kernel the logits are bit-identical to the stock forward's on the embedded model; with them they
 differ by float summation order only (about 1e-5 to 1e-4 in the logits), the same kind of
 difference as between a 1-token and an n-token forward; greedy outputs are tested token for token against
-``model.generate`` (tests/test_fastpath.py).
+``model.generate`` (tests/test_fastpath.py). The copies are remade when a weight changes
+(`specdec.engine.snapshot.Snapshot`, checked before every forward).
 
 `supported(model)` says whether a model qualifies: a ``LlamaForCausalLM``-shaped module tree (decoder
 layers with ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, two RMSNorms), SiLU MLP,
 full attention (no sliding window), no attention logit soft-capping. Anything else uses the stock
-forward. Turn the fast path off with ``SPECDEC_FASTPATH=0`` or ``TreeForward(..., fastpath=False)``.
+forward. Turn the fast path off with ``SPECDEC_FASTPATH=0`` or ``TreeForward(..., fastpath=False)``;
+`specdec.engine.for_model` holds one `FastForward` per model.
 """
 
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specdec import kernels
+from specdec.engine import kernels
+from specdec.engine.backends import KERNEL_MAX, Linear, choose, kernel_usable, mkl_usable
+from specdec.engine.snapshot import Snapshot
 
 ENV = "SPECDEC_FASTPATH"
-PACK_MIN = 4  # below this MKL's stock path streams the weights as fast (benchmarks/bench_gemm.py)
-PACK_MAX = 12  # above this the packed product is slower than the stock one on this CPU
-KERNEL_MIN = 1  # the skinny kernel (specdec/kernels.py) from this many rows...
-KERNEL_MAX = kernels.MAX_ROWS  # ...to this many (benchmarks/bench_gemm.py)
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 AUTO_MAX_BYTES = 4 << 30  # "auto" declines when the fused and packed copies would take more
-
-
-def _mkl_available() -> bool:
-    return hasattr(torch.ops, "mkl") and hasattr(torch.ops.mkl, "_mkl_linear") \
-        and torch.backends.mkl.is_available()
-
-
-class FusedLinear:
-    """One weight matrix (rows of several projections concatenated) with either the skinny-GEMM
-    kernel's panels for products of `KERNEL_MIN` to `KERNEL_MAX` rows
-    (specdec/kernels.py) or an MKL-packed copy for `PACK_MIN` to `PACK_MAX` rows."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool,
-                 kernel: bool = False, panel_dtype: torch.dtype = torch.float32):
-        self.weight = weight.contiguous()
-        self.bias = bias
-        self.packed = None
-        self.skinny = None
-        if kernel:
-            self.skinny = kernels.SkinnyLinear(self.weight, bias, panel_dtype)
-        elif pack:
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, PACK_MAX)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.shape[0]
-        if self.skinny is not None and KERNEL_MIN <= m <= KERNEL_MAX:
-            return self.skinny(x)
-        if self.packed is not None and PACK_MIN <= m <= PACK_MAX:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, m)
-        return F.linear(x, self.weight, self.bias)
-
-
-def packing_works(weight: torch.Tensor) -> bool:
-    """MKL packs a weight for one batch size; this checks, on ``weight``, that the packed copy
-    gives the stock product for every row count the fast path sends through it."""
-    packed = FusedLinear(weight, None, pack=True)
-    generator = torch.Generator().manual_seed(0)
-    for m in range(PACK_MIN, PACK_MAX + 1):
-        x = torch.randn(m, weight.shape[1], generator=generator, dtype=weight.dtype)
-        want = F.linear(x, weight)
-        got = packed(x)
-        scale = float(want.abs().max()) + 1e-6
-        if got.shape != want.shape or not float((got - want).abs().max()) <= 1e-4 * scale:
-            return False
-    return True
 
 
 def extra_bytes(model: nn.Module) -> int:
@@ -112,23 +67,13 @@ def extra_bytes(model: nn.Module) -> int:
     linear = sum(size(m.weight) for m in model.modules() if type(m) is nn.Linear)
     weight = head.weight
     # the kernel's panels, or MKL's packed copies: about one more copy of every weight either way
-    packed = weight.device.type == "cpu" and weight.dtype == torch.float32 and _mkl_available()
-    return fused + (linear if packed or _kernel_usable(weight) else 0)
+    return fused + (linear if mkl_usable(weight) or kernel_usable(weight) else 0)
 
 
 def kernel_wanted(model: nn.Module) -> bool:
     """Whether the fast path builds ``model``'s products on the skinny kernel by default."""
     chain = _attribute_chain(model)
-    return chain is not None and _kernel_default(chain[2].weight)
-
-
-def _kernel_usable(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and kernels.enabled()
-
-
-def _kernel_default(weight: torch.Tensor) -> bool:
-    """The "auto" choice: usable for these weights and built for this host."""
-    return _kernel_usable(weight) and kernels.available()
+    return chain is not None and choose(chain[2].weight, pack=False) == "kernel"
 
 
 def _attribute_chain(model):
@@ -213,73 +158,34 @@ class FastForward:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.want_pack = pack  # None: wherever it works (decided per build: weights can move)
         self.want_kernel = kernel  # None: wherever it builds (CPU float32, SPECDEC_KERNEL != 0)
-        self._stamp = None
         self._build()
 
-    def _weights_stamp(self):
+    def _watched_weights(self) -> list[torch.Tensor]:
         # the linear weights the copies were made from (and the norms' weights the native loop
-        # holds views of): replaced (``module.weight = ...``, ``load_state_dict(assign=True)``),
-        # moved or modified in place (a training step). Read through each module's parameter
-        # dict: nn.Module attribute access costs microseconds, and this runs every forward.
-        return [(module._parameters, module.weight, module.weight.data_ptr(),
-                 module.weight._version) for module in self._watched]
-
-    def _stale(self) -> bool:
-        for parameters, weight, pointer, version in self._stamp:
-            current = parameters.get("weight")
-            if current is not weight or current._version != version \
-                    or current.data_ptr() != pointer:
-                return True
-        return False
+        # holds views of), read through each module's parameter dict: nn.Module attribute
+        # access costs microseconds, and this runs every forward
+        return [module._parameters.get("weight") for module in self._watched]
 
     def _build(self) -> None:
         weight = self.head_module.weight
-        pack = self.want_pack
-        packable = (weight.device.type == "cpu" and weight.dtype == torch.float32
-                    and _mkl_available())
-        if pack is None:
-            pack = packable
-        elif pack and not packable:
-            raise ValueError("MKL packing needs float32 weights on CPU and PyTorch built with MKL")
-        kernel = self.want_kernel
-        if self.panel_dtype != torch.float32:
-            kernel = True  # checked below: lower-precision panels exist only in the kernel
-        if kernel is None:
-            kernel = _kernel_default(weight)
-        elif kernel:
-            if not _kernel_usable(weight):
-                raise ValueError("the skinny kernel needs float32 weights on CPU "
-                                 f"(and {kernels.ENV} not 0)")
-            if not kernels.available():
-                raise ValueError(f"the skinny kernel could not be built: {kernels.load_error()}")
-        self.kernel = kernel
-        if kernel:
-            pack = False  # one fast copy of each weight is enough
-        if pack and not packing_works(self.inner.layers[0].self_attn.o_proj.weight.detach()):
-            pack = False
-        self.pack = pack
+        kernel = True if self.panel_dtype != torch.float32 else self.want_kernel
+        backend = choose(weight, kernel, self.want_pack,
+                         probe=self.inner.layers[0].self_attn.o_proj.weight.detach())
+        self.backend = backend
+        self.kernel, self.pack = backend == "kernel", backend == "mkl"
         self.repeat_kv = weight.device.type != "cpu"
         self.layers = []
-        dt = self.panel_dtype
         with torch.no_grad():
             for layer in self.inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-                qkv = FusedLinear(torch.cat([p.weight.detach() for p in projections]),
-                                  _cat_bias(*projections), pack, kernel, dt)
-                o = FusedLinear(attn.o_proj.weight.detach(), _detached(attn.o_proj.bias), pack,
-                                kernel, dt)
-                gate_up = FusedLinear(torch.cat([mlp.gate_proj.weight.detach(),
-                                                 mlp.up_proj.weight.detach()]),
-                                      _cat_bias(mlp.gate_proj, mlp.up_proj), pack, kernel, dt)
-                down = FusedLinear(mlp.down_proj.weight.detach(), _detached(mlp.down_proj.bias),
-                                   pack, kernel, dt)
-                self.layers.append((layer, qkv, o, gate_up, down,
+                self.layers.append((layer,
+                                    self._linear(attn.q_proj, attn.k_proj, attn.v_proj),
+                                    self._linear(attn.o_proj),
+                                    self._linear(mlp.gate_proj, mlp.up_proj),
+                                    self._linear(mlp.down_proj),
                                     _eps(layer.input_layernorm),
                                     _eps(layer.post_attention_layernorm)))
-            head = self.head_module
-            self.head = FusedLinear(head.weight.detach(), _detached(head.bias), pack, kernel,
-                                    dt)
+            self.head = self._linear(self.head_module)
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv * self.head_dim
         self.intermediate = self.layers[0][3].weight.shape[0] // 2
@@ -289,23 +195,28 @@ class FastForward:
                            layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
                            layer.mlp.down_proj)]
         self.native = None
-        if kernel:
+        if self.kernel:
             self._build_native()
-        self._stamp = self._weights_stamp()
+        self._snapshot = Snapshot(self._watched_weights())
+
+    def _linear(self, *modules: nn.Linear) -> Linear:
+        """One product of the rows of ``modules``' weights (and biases) concatenated."""
+        weight = modules[0].weight.detach() if len(modules) == 1 else torch.cat(
+            [m.weight.detach() for m in modules])
+        return Linear(weight, _cat_bias(*modules), self.backend, self.panel_dtype)
 
     def _build_native(self) -> None:
         """Arguments of the kernel module's ``decoder_layers`` (the layer loop in one native call;
-        specdec/csrc/cpu_kernels.cpp): per layer its norms' weights (views of the live ones, so
-        in-place changes show; replaced ones are caught by the staleness check), the products'
-        panels and biases (an empty tensor for none), epsilons and attention scale."""
+        specdec/engine/csrc/cpu_kernels.cpp): per layer its norms' weights (views of the live
+        ones, so in-place changes show; replaced ones are caught by the staleness check), the
+        products' panels and biases (an empty tensor for none), epsilons and attention scale."""
         empty = torch.empty(0)
         weights, eps, scale = [], [], []
         for layer, qkv, o, gate_up, down, eps1, eps2 in self.layers:
             for item in (layer.input_layernorm.weight, qkv, o,
                          layer.post_attention_layernorm.weight, gate_up, down):
-                if isinstance(item, FusedLinear):
-                    weights += [item.skinny.panels,
-                                empty if item.skinny.bias is None else item.skinny.bias]
+                if isinstance(item, Linear):
+                    weights += [item.copy, empty if item.kernel_bias is None else item.kernel_bias]
                 else:
                     weights.append(item.detach())
             eps += [eps1, eps2]
@@ -318,7 +229,7 @@ class FastForward:
     def refresh(self) -> None:
         """Rebuild the fused copies if a linear weight changed since (training, load_state_dict);
         norms and embeddings are read live."""
-        if self._stale():
+        if not self._snapshot.matches(self._watched_weights()):
             self._build()
 
     @torch.no_grad()
@@ -440,23 +351,18 @@ def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h32.to(h.dtype)
 
 
-def _detached(bias):
-    return None if bias is None else bias.detach()
-
-
 def _cat_bias(*modules: nn.Linear):
     """The fused product's bias: each module's bias (zeros where it has none), or None."""
     if all(m.bias is None for m in modules):
         return None
+    if len(modules) == 1:
+        return modules[0].bias.detach()
     return torch.cat([m.bias.detach() if m.bias is not None else
                       torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device)
                       for m in modules])
 
 
-_SHARED: "weakref.WeakKeyDictionary[nn.Module, FastForward]" = weakref.WeakKeyDictionary()
-
-
-def wanted(model: nn.Module, setting: bool | str | None = "auto") -> bool:
+def turned_on(model: nn.Module, setting: bool | str | None = "auto") -> bool:
     """Whether ``setting`` (True, False, "auto"/None) turns the fast path on for ``model``;
     ``SPECDEC_FASTPATH=0|1`` overrides "auto". True on an unsupported model raises."""
     if setting is None or setting == "auto":
@@ -482,13 +388,3 @@ def wanted(model: nn.Module, setting: bool | str | None = "auto") -> bool:
     if setting is False:
         return False
     raise ValueError(f"fastpath must be True, False or 'auto', got {setting!r}")
-
-
-def for_model(model: nn.Module, setting: bool | str | None = "auto") -> FastForward | None:
-    """The model's shared `FastForward` (fused copies made once per model), or None when off."""
-    if not wanted(model, setting):
-        return None
-    fast = _SHARED.get(model)
-    if fast is None:
-        fast = _SHARED[model] = FastForward(model)
-    return fast

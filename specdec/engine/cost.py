@@ -193,10 +193,10 @@ class LatencyProfile:
 def profile_key(model, context: int) -> dict:
     """What a latency profile depends on: the model, where and how it runs."""
     from drafters.trained import target_fingerprint
-    from specdec.fastpath import kernel_wanted, wanted as fast_wanted
-    from specdec import kernels
-    from specdec.gemm import wanted as gemm_wanted
+    from specdec.engine import forward_kind, kernels
+    from specdec.engine.fastpath import kernel_wanted
 
+    kind = forward_kind(model)
     parameter = next(model.parameters())
     config = model.config.get_text_config()
     name = Path(str(getattr(model.config, "_name_or_path", "") or type(model).__name__)).name
@@ -204,12 +204,11 @@ def profile_key(model, context: int) -> dict:
             "layers": int(getattr(config, "num_hidden_layers", 0) or 0),
             **target_fingerprint(model), "device": str(parameter.device),
             "dtype": str(parameter.dtype), "threads": torch.get_num_threads(), "context": context,
-            # the verify forward (specdec/fastpath.py) or its matrix layout (specdec/gemm.py)
-            # and its weight products (specdec/kernels.py)
+            # the verify forward (specdec/engine/fastpath.py) or its matrix layout
+            # (specdec/engine/gemm.py) and its weight products (specdec/engine/kernels.py)
             **({"forward": "fast", **({"kernel": f"skinny-{kernels.build_id()}"}
                                      if kernel_wanted(model) else {})}
-               if fast_wanted(model)
-               else {"gemm": "transposed"} if gemm_wanted(model) else {})}
+               if kind == "fast" else {"gemm": "transposed"} if kind == "transposed" else {})}
 
 
 class AcceptanceEstimator:
