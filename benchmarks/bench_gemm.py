@@ -16,6 +16,7 @@ instead (on random tokens, where the margins are smaller than on text).
 
     python benchmarks/bench_gemm.py --threads 2
     python benchmarks/bench_gemm.py --threads 2 --sizes 1,2,8 --panels
+    python benchmarks/bench_gemm.py --model HuggingFaceTB/SmolLM2-360M-Instruct --threads 2
 """
 
 from __future__ import annotations
@@ -26,27 +27,25 @@ import time
 
 import torch
 
+import _harness as harness  # this folder is on sys.path when run as a script
 from specdec import kernels
-from specdec.embedded import load_embedded
 from specdec.fastpath import FastForward
 from specdec.target import TreeForward
 from specdec.tree import DraftTree
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,2,4,8,12,16,24,32,48,64")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
+    harness.add_model_arguments(parser)
     parser.add_argument("--panels", action="store_true",
                         help="also time bfloat16 and int8 kernel panels (the quantized drafter)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    model, _ = load_embedded()
+    model, _ = harness.load_model(args)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (args.context,), generator=generator)
@@ -103,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(main)
