@@ -1,7 +1,7 @@
 """Verify-forward latency on the embedded model: the stock Hugging Face forward, the stock forward
-with the transposed-weight layout (specdec/engine/gemm.py), the lean forward
-(specdec/engine/fastpath.py) with MKL's packed GEMM ("fast-mkl") and with the skinny-GEMM kernel
-(specdec/engine/kernels.py; "fast", the default), interleaved.
+with the transposed-weight layout (specdec/gemm.py), the lean forward (specdec/fastpath.py) with
+MKL's packed GEMM ("fast-mkl") and with the skinny-GEMM kernel (specdec/kernels.py; "fast", the
+default), interleaved.
 
 For each size n (root + n - 1 chain nodes, after a ``--context``-token prefill) and each forward,
 ``--repeats`` timed `TreeForward.verify` calls after ``--warmup`` rounds, the forwards and sizes
@@ -16,6 +16,7 @@ instead (on random tokens, where the margins are smaller than on text).
 
     python benchmarks/bench_gemm.py --threads 2
     python benchmarks/bench_gemm.py --threads 2 --sizes 1,2,8 --panels
+    python benchmarks/bench_gemm.py --model HuggingFaceTB/SmolLM2-360M-Instruct --threads 2
 """
 
 from __future__ import annotations
@@ -26,27 +27,25 @@ import time
 
 import torch
 
+import _harness as harness  # this folder is on sys.path when run as a script
 from specdec.engine import kernels
-from specdec.embedded import load_embedded
 from specdec.engine.fastpath import FastForward
 from specdec.target import TreeForward
 from specdec.tree import DraftTree
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,2,4,8,12,16,24,32,48,64")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
+    harness.add_model_arguments(parser)
     parser.add_argument("--panels", action="store_true",
                         help="also time bfloat16 and int8 kernel panels (the quantized drafter)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    model, _ = load_embedded()
+    model, _ = harness.load_model(args)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (args.context,), generator=generator)
@@ -54,7 +53,7 @@ def main() -> None:
                 "transposed": TreeForward(model, transposed_gemm=True, fastpath=False),
                 "fast-mkl": TreeForward(model, fastpath=True),
                 "fast": TreeForward(model, fastpath=True)}
-    # the lean forward with MKL's packed GEMM instead of the skinny kernel (engine/kernels.py)
+    # the lean forward with MKL's packed GEMM instead of the skinny kernel (specdec/kernels.py)
     forwards["fast-mkl"].fast = FastForward(model, kernel=False)
     if not forwards["fast"].fast.kernel:
         print(f"note: the skinny kernel is off here ({kernels.load_error() or kernels.ENV + '=0'})")
@@ -103,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(main)

@@ -1,7 +1,7 @@
 """Multi-draft verifiers against the optimal-transport bound, on real next-token distributions.
 
 Target: the embedded SmolLM2-135M-Instruct's next-token distributions along its own sampled
-answers to MT-Bench first turns. Drafter: the same logits at a higher temperature (a drafter that
+answers to the eval's prompts (MT-Bench first turns by default). Drafter: the same logits at a higher temperature (a drafter that
 knows the target's ranking but is too flat). Both are warped identically otherwise (top-k).
 
 For k = 1..4 drafts and each lossless multi-draft rule, the acceptance probability P(the node
@@ -15,27 +15,33 @@ same sampling kind:
     optimal-iid    coupling LP (class selection LP when large)       LP value (with classes: >=)
     optimal-wor    coupling LP (falls back to exact-wor when large)   LP optimum
 
-Usage: python benchmarks/bench_multidraft.py [--prompts 80] [--positions 4] [--top-k 8]
+The second part times the multi-draft rules end to end: each ``--methods`` spec (eval syntax; by
+default the quantized self-drafter sampling two i.i.d. drafts at the first depth, verified by
+recursive rejection, SpecTr and the optimal rule) runs at the same temperature and top-k beside
+HF sampled ``generate`` (``baseline``) and the undrafted loop (``none``) through the eval runner
+(`benchmarks/_harness.py`), on the first ``--timed-limit`` prompts of each data set. Prompts of
+both parts are the eval's (``--datasets``, ``--data``, chat-templated as ``specdec eval`` does).
+
+Usage: python benchmarks/bench_multidraft.py [--limit 80] [--positions 4] [--top-k 8]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import specdec
+import _harness as harness  # this folder is on sys.path when run as a script
 from specdec.sampling import SamplingConfig, residual
 from verifiers.multidraft import OptimalRule, iid_rejection_acceptance, optimal_acceptance
 from verifiers.spectr import kseq_acceptance
 
-MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench" / "question.jsonl"
 KS = (1, 2, 3, 4)
+TIMED = ",".join(f"quantized:depth=3,branching=[2,1,1],mode=iid+{rule}"
+                 for rule in ("exact", "spectr", "optimal"))
 
 
 def exact_wor_acceptance(target_probs, draft_probs, k, prune=1e-9):
@@ -72,14 +78,12 @@ def optimal_rule_acceptance(target_probs, draft_probs, k, sampling, rule):
     return acceptance
 
 
-def next_token_logits(model, tokenizer, prompts, positions, seed):
+def next_token_logits(model, tokenizer, examples, positions, seed):
     """[n, V] target logits at the first ``positions`` steps of the model's own sampled answers."""
     torch.manual_seed(seed)  # generate() samples from the global generator
     rows = []
-    for prompt in tqdm(prompts, desc="target distributions"):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+    for example in tqdm(examples, desc="target distributions"):
+        ids = harness.input_ids(tokenizer, example)
         with torch.no_grad():
             answer = model.generate(ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                     max_new_tokens=positions, min_new_tokens=positions)
@@ -88,19 +92,29 @@ def next_token_logits(model, tokenizer, prompts, positions, seed):
     return torch.cat(rows)
 
 
-def main() -> None:
+def parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, default=80)
+    harness.add_arguments(parser, methods=TIMED, datasets="mt_bench", limit=80, max_new_tokens=64)
+    parser.set_defaults(temperature=1.0)
     parser.add_argument("--positions", type=int, default=4, help="answer steps per prompt")
-    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--draft-temperature-scale", type=float, default=0.6)
     parser.add_argument("--top-k", type=int, default=8, help="0: the full vocabulary")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--timed-limit", type=int, default=5,
+                        help="prompts per data set of the end-to-end timing")
+    args = parser.parse_args(argv)
+    if args.temperature <= 0 or args.positions < 1:
+        raise harness.UsageError("--temperature must be above 0 and --positions at least 1 (the "
+                                 "rules are compared on sampled distributions)")
+    return args
 
-    model, tokenizer = specdec.load_embedded()
-    prompts = [json.loads(line)["turns"][0] for line in MT_BENCH.read_text().splitlines()]
-    logits = next_token_logits(model, tokenizer, prompts[: args.prompts], args.positions, args.seed)
+
+def timed_args(args):
+    """The options of the end-to-end timing: the first ``--timed-limit`` prompts of each set."""
+    return argparse.Namespace(**{**vars(args), "limit": args.timed_limit})
+
+
+def mean_acceptances(logits, args) -> dict[str, dict[int, float]]:
+    """Per rule and k, the acceptance averaged over the distributions (``bound-*``: the optimum)."""
     top_k = args.top_k or None
     target_config = SamplingConfig(temperature=args.temperature, top_k=top_k)
     draft_config = SamplingConfig(temperature=args.temperature * args.draft_temperature_scale,
@@ -127,8 +141,11 @@ def main() -> None:
             rows["optimal-wor"][k].append(
                 optimal_rule_acceptance(target, draft, k, "without_replacement", rule))
 
-    mean = {name: {k: float(np.mean(values[k])) for k in KS} for name, values in rows.items()}
-    print(f"\n{len(logits)} target distributions ({args.prompts} MT-Bench prompts x "
+    return {name: {k: float(np.mean(values[k])) for k in KS} for name, values in rows.items()}
+
+
+def print_acceptances(mean, logits, args, prompts: int) -> None:
+    print(f"\n{len(logits)} target distributions ({prompts} prompts x "
           f"{args.positions} answer steps), temperature {args.temperature}, drafter temperature "
           f"x{args.draft_temperature_scale}, top-k {args.top_k or 'none'}\n")
     print("| rule | " + " | ".join(f"k={k}" for k in KS) + " |")
@@ -151,5 +168,24 @@ def main() -> None:
               f"{sampling}): {value:.4f} in {time.perf_counter() - start:.3f} s")
 
 
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    _, examples = harness.check(args)
+    timed = timed_args(args)
+    specs, timed_examples = harness.check(timed)
+    model, tokenizer = harness.load_model(args)
+    logits = next_token_logits(model, tokenizer, examples, args.positions, args.seed)
+    mean = mean_acceptances(logits, args)
+    print_acceptances(mean, logits, args, len(examples))
+    print("\nend to end:")
+    methods = harness.build_methods(timed, specs, model, tokenizer)
+    timing = harness.summary(harness.generate(timed, model, tokenizer, methods, timed_examples),
+                             args.temperature)
+    print(harness.caption(timed, timed_examples))
+    print(harness.table(timing))
+    harness.write_json(args.json, timing, acceptance=mean)
+    return {"acceptance": mean, "rows": timing}
+
+
 if __name__ == "__main__":
-    main()
+    harness.main(main)

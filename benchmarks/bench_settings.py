@@ -1,85 +1,64 @@
-"""One drafter in several settings, on the embedded model, interleaved per prompt.
+"""One drafter in several settings, on the embedded model, beside HF greedy ``generate`` and the
+undrafted loop, interleaved per prompt.
 
-Each setting gets its own drafter and (with ``--budget``) its own cost-aware tree budget; every
-prompt runs every setting in turn after a warm-up of each, greedy, ``--max-new-tokens`` tokens.
-Prints per setting the median over prompts of: its time relative to the first setting's on the
-same prompt, tau, the draft share of the time and the draft milliseconds per step, and checks
-every output against the first setting's (all greedy and lossless, so they must be equal).
+The settings are eval method specs (``eagle2:min_value=0.0,eagle2:min_value=0.05``; add
+``tree_budget=auto`` for a cost-aware tree budget per setting). Every method runs through the eval
+runner (`benchmarks/_harness.py`). Besides tau and the two speedups it prints per setting the
+median over prompts of its time relative to the first setting's on the same prompt, the draft
+share of the time and the draft milliseconds per step, and the share of outputs equal to the first
+setting's (all lossless at temperature 0, so they must be equal).
 
-    python benchmarks/bench_settings.py eagle2 '[{"min_value": 0.0}, {"min_value": 0.05}]' --limit 4
+    python benchmarks/bench_settings.py --methods 'eagle2:tree_budget=auto,eagle2:min_value=0.0,tree_budget=auto' --limit 4
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 
-import torch
-
-import drafters
-from bench_trained import DATA, encode, prompt_texts  # this folder is on sys.path as a script
-from specdec.cli import load_model
-from specdec.engine.cost import make_budget
-from specdec.loop import speculative_generate
+import _harness as harness  # this folder is on sys.path when run as a script
 
 
-def main() -> None:
+def draft_ms(record: dict) -> float | None:
+    loop = record["loop"]
+    if loop is None:
+        return None
+    return 1000 * loop["draft_time"] / max(1, len(loop["tree_sizes"]))
+
+
+def against_first(rows: list[dict], first: str) -> list[dict]:
+    """Adds ``time_vs_first`` and ``equal_to_first`` (paired by prompt) to every row."""
+    reference = {(r["dataset"], r["id"]): r for row in rows if row["method"] == first
+                 for r in row["records"]}
+    for row in rows:
+        pairs = [(r, reference[r["dataset"], r["id"]]) for r in row["records"]
+                 if (r["dataset"], r["id"]) in reference]
+        row["time_vs_first"] = statistics.median(r["wall_time"] / f["wall_time"]
+                                                 for r, f in pairs) if pairs else None
+        row["equal_to_first"] = (sum(r["output_ids"] == f["output_ids"] for r, f in pairs)
+                                 / len(pairs)) if pairs else None
+    return rows
+
+
+COLUMNS = [("time vs first", lambda r: harness.number(r["time_vs_first"], 3)),
+           harness.DRAFT_SHARE,
+           ("draft ms/step", lambda r: harness.number(harness.median_of(r, draft_ms), 1)),
+           ("equal to first", lambda r: harness.number(r["equal_to_first"]))]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("drafter")
-    parser.add_argument("settings", help="a JSON list of keyword-argument objects, one per setting")
-    parser.add_argument("--dataset", default="mt_bench")
-    parser.add_argument("--limit", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--budget", action=argparse.BooleanOptionalAction, default=True,
-                        help="tree_budget='auto' per setting (default on)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", default="embedded")
-    args = parser.parse_args()
-    try:
-        settings = json.loads(args.settings)
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"settings must be a JSON list of objects: {error}")
-    if not isinstance(settings, list) or not settings or not all(isinstance(s, dict) for s in settings):
-        raise SystemExit('settings must be a non-empty JSON list of objects, e.g. \'[{}, {"beam": 4}]\'')
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, "float32")
-    built = [(drafters.get(args.drafter, **s), make_budget("auto", model) if args.budget else None)
-             for s in settings]
-    prompts = [encode(tokenizer, t) for t in prompt_texts(args.dataset, args.limit, DATA)]
-
-    def run(drafter, budget, ids):
-        start = time.perf_counter()
-        out = speculative_generate(model, ids, drafter=drafter, verifier="greedy",
-                                   max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                   eos_token_id=tokenizer.eos_token_id, tree_budget=budget)
-        return out, time.perf_counter() - start
-
-    for drafter, budget in built:
-        run(drafter, budget, encode(tokenizer, "Say hello."))
-    rows = [[] for _ in settings]
-    for ids in prompts:
-        first = None
-        for i, (drafter, budget) in enumerate(built):
-            out, elapsed = run(drafter, budget, ids)
-            steps = max(1, len(out.stats.tree_sizes))
-            first = out.sequences.tolist() if first is None else first
-            rows[i].append({"time": elapsed, "tau": out.stats.tau,
-                            "share": out.stats.draft_time / elapsed,
-                            "draft_ms": 1000 * out.stats.draft_time / steps,
-                            "equal": out.sequences.tolist() == first})
-    print(f"{args.drafter} on {args.dataset}, {len(prompts)} prompts, {args.max_new_tokens} tokens, "
-          f"budget {'auto' if args.budget else 'off'}, {args.threads} threads")
-    print("| setting | time vs first | tau | draft share | draft ms/step | outputs equal |")
-    print("|---|---|---|---|---|---|")
-    base = [r["time"] for r in rows[0]]
-    for setting, runs in zip(settings, rows):
-        med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
-        relative = statistics.median(r["time"] / b for r, b in zip(runs, base))
-        print(f"| {json.dumps(setting)} | {relative:.3f} | {med('tau'):.2f} | {med('share'):.0%} "
-              f"| {med('draft_ms'):.1f} | {sum(r['equal'] for r in runs)}/{len(runs)} |")
+    harness.add_arguments(parser, methods="eagle2:tree_budget=auto,"
+                                          "eagle2:min_value=0.0,tree_budget=auto",
+                          datasets="mt_bench", limit=4)
+    args = parser.parse_args(argv)
+    specs, _ = harness.check(args)
+    settings = [spec.label for spec in specs if spec.label not in harness.REFERENCES]
+    if not settings:
+        raise harness.UsageError("--methods names no setting besides baseline and none")
+    print(f"time and outputs against the first setting, {settings[0]}")
+    return harness.benchmark(args, COLUMNS, finish=lambda rows: against_first(rows, settings[0]))
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(main)

@@ -1,13 +1,21 @@
 """Replay greedy outputs to compare model-free drafters' settings without timing noise.
 
 Greedy verification accepts a draft path exactly when it matches the target's greedy
-continuation, so once the greedy outputs are known (computed here by the lossless loop, equal to
-``model.generate``), any model-free drafter (PLD, n-gram trie) can be replayed without the model:
-each step's accepted length and tree size follow from the drafter alone. Wall time is then
-estimated with a linear cost model of one target forward over n tokens, ``c0 + c1 * n``, fitted
-here from timed forwards of 1 and 16 tokens on this machine.
+continuation, so once the greedy outputs are known, any model-free drafter (PLD, n-gram trie) can
+be replayed without the model: each step's accepted length and tree size follow from the drafter
+alone. The greedy outputs come from one run of the eval runner (`benchmarks/_harness.py`: the
+eval's prompts) with the two references, HF greedy ``generate`` (``baseline``) and the undrafted
+loop (``none``, whose outputs are replayed), timed as every benchmark times them. A drafter's wall
+time is then estimated with a linear cost model of one target forward over n tokens,
+``c0 + c1 * n``, fitted here from timed forwards of 1 and 16 tokens on this machine: its speedup
+over ``none`` (one 1-token forward per token) is estimated per prompt, and its speedup over
+``baseline`` is that estimate times the measured speed of ``none`` over ``baseline`` on the same
+prompt. Medians over prompts; tau pooled.
+
+The drafters are eval method specs of ``pld`` and ``trie`` (greedy verification, no tree budget).
 
     python benchmarks/replay_ngram.py --limit 4
+    python benchmarks/replay_ngram.py --methods 'pld,trie:node_budget=24,max_depth=12' --data benchmarks/data/summarize.jsonl
 """
 
 from __future__ import annotations
@@ -15,27 +23,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+import _harness as harness  # this folder is on sys.path when run as a script
 import drafters
-from bench_core import DATA, prompts  # this folder is on sys.path when run as a script
-from specdec.cli import load_model
-from specdec.loop import speculative_generate
 from specdec.sampling import SamplingConfig
 from specdec.state import DecodingState
 from specdec.target import TreeForward
 from specdec.tree import DraftTree
 
-VARIANTS = {
-    "pld first n<=3 min2 (default)": dict(name="pld"),
-    "pld first n<=2 min1 (as HF)": dict(name="pld", max_ngram=2, min_ngram=1),
-    "pld last n<=3 min1": dict(name="pld", match="last", min_ngram=1),
-    "trie 12 nodes depth 8 min2 (default)": dict(name="trie"),
-    "trie 12 nodes depth 8 min1": dict(name="trie", min_ngram=1),
-    "trie 24 nodes depth 12 min2": dict(name="trie", node_budget=24, max_depth=12),
-}
+VARIANTS = ("pld,pld:max_ngram=2,min_ngram=1,pld:match=last,min_ngram=1,"
+            "trie,trie:min_ngram=1,trie:node_budget=24,max_depth=12")
+MODEL_FREE = ("pld", "trie")
 
 
 def replay(drafter, full: list[int], prompt_len: int, vocab: int) -> tuple[int, list[int]]:
@@ -59,9 +59,9 @@ def replay(drafter, full: list[int], prompt_len: int, vocab: int) -> tuple[int, 
     return len(fed), fed
 
 
-def forward_cost(model, n: int, repeats: int = 5) -> float:
+def forward_cost(model, n: int, vocab: int, repeats: int = 5) -> float:
     fwd = TreeForward(model)
-    fwd.prefill(torch.arange(200) % 1000)
+    fwd.prefill(torch.arange(200) % vocab)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -71,45 +71,73 @@ def forward_cost(model, n: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def variants(text: str):
+    """The replayable specs of ``text``; anything else is refused before the model loads."""
+    specs = [spec for spec in harness.method_specs(text) if spec.label not in harness.REFERENCES]
+    for spec in specs:
+        if (spec.name not in MODEL_FREE or spec.verifier not in (None, "greedy")
+                or "tree_budget" in spec.kwargs):
+            raise harness.UsageError(
+                f"method {spec.label!r} cannot be replayed: give {' or '.join(MODEL_FREE)} "
+                f"specs without a verifier or tree_budget")
+    if not specs:
+        raise harness.UsageError(f"--methods names no drafter to replay ({', '.join(MODEL_FREE)})")
+    return specs
+
+
+def replayed_row(spec, pairs: list[tuple[dict, dict, list[int]]], vocab: int,
+                 cost: tuple[float, float]) -> dict:
+    """A summary row of one drafter replayed on (none record, baseline record, prompt) pairs."""
+    c0, c1 = cost
+    steps = new = 0
+    vs_none, vs_baseline = [], []
+    for undrafted, baseline, prompt in pairs:
+        full = prompt + undrafted["output_ids"]
+        n_steps, fed = replay(drafters.get(spec.name, **spec.kwargs), full, len(prompt), vocab)
+        steps, new = steps + n_steps, new + len(undrafted["output_ids"])
+        vs_none.append(len(undrafted["output_ids"]) * (c0 + c1) / sum(c0 + c1 * n for n in fed))
+        vs_baseline.append(vs_none[-1] * undrafted["tokens_per_s"] / baseline["tokens_per_s"])
+    return {"dataset": pairs[0][0]["dataset"], "method": spec.label, "n": len(pairs),
+            "tokens_per_s": None, "tau": new / steps, "identical": None, "estimated": True,
+            "speedup_vs_none": statistics.median(vs_none),
+            "speedup_vs_baseline": statistics.median(vs_baseline)}
+
+
+COLUMNS = [("timing", lambda r: "estimated" if r.get("estimated") else "measured")]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--data-dir", type=Path, default=DATA)
-    args = parser.parse_args()
-    model, tokenizer = load_model("embedded")
+    harness.add_arguments(parser, methods=VARIANTS, datasets="mt_bench,humaneval", limit=4)
+    args = parser.parse_args(argv)
+    if args.temperature != 0:
+        raise harness.UsageError("replay needs greedy outputs: leave --temperature at 0")
+    specs = variants(args.methods)
+    args.methods = ",".join(harness.REFERENCES)
+    references, examples = harness.check(args)
+    model, tokenizer = harness.load_model(args)
     vocab = model.get_output_embeddings().weight.shape[0]
-    t1, t16 = forward_cost(model, 1), forward_cost(model, 16)
+    t1, t16 = forward_cost(model, 1, vocab), forward_cost(model, 16, vocab)
     c1 = (t16 - t1) / 15
-    c0 = t1 - c1
-    print(f"cost model: {1000 * c0:.1f} ms + {1000 * c1:.2f} ms per token")
-    outputs = {}
-    for dataset in ("mt_bench", "humaneval"):
-        outputs[dataset] = []
-        for ids in prompts(tokenizer, dataset, args.limit, args.data_dir):
-            out = speculative_generate(model, ids, drafter="trie", verifier="greedy",
-                                       max_new_tokens=args.max_new_tokens,
-                                       eos_token_id=tokenizer.eos_token_id)
-            outputs[dataset].append((out.sequences[0].tolist(), ids.shape[1]))
-    print("| drafter | MT-Bench tau | MT-Bench est. speedup | HumanEval tau | HumanEval est. speedup |")
-    print("|---|---|---|---|---|")
-    for label, spec in VARIANTS.items():
-        spec = dict(spec)
-        cells = []
-        for dataset in ("mt_bench", "humaneval"):
-            steps = new = 0
-            spec_time = base_time = 0.0
-            for full, prompt_len in outputs[dataset]:
-                n_steps, fed = replay(drafters.get(spec["name"], **{k: v for k, v in spec.items()
-                                                                     if k != "name"}),
-                                      full, prompt_len, vocab)
-                steps += n_steps
-                new += len(full) - prompt_len
-                spec_time += sum(c0 + c1 * n for n in fed)
-                base_time += (len(full) - prompt_len) * (c0 + c1)
-            cells += [f"{new / steps:.2f}", f"{base_time / spec_time:.2f}x"]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    cost = (t1 - c1, c1)
+    print(f"cost model: {1000 * cost[0]:.2f} ms + {1000 * c1:.3f} ms per token")
+    methods = harness.build_methods(args, references, model, tokenizer)
+    records = harness.generate(args, model, tokenizer, methods, examples)
+    prompts = {(ex.dataset, ex.id): harness.input_ids(tokenizer, ex)[0].tolist() for ex in examples}
+    by_key = {(r["dataset"], r["id"], r["method"]): r for r in records}
+    rows = []
+    for row in harness.summary(records):
+        rows.append({**row, "estimated": False})
+        if row["method"] != "none":
+            continue
+        pairs = [(r, by_key[r["dataset"], r["id"], "baseline"], prompts[r["dataset"], r["id"]])
+                 for r in row["records"]]
+        rows += [replayed_row(spec, pairs, vocab, cost) for spec in specs]
+    print(harness.caption(args, examples))
+    print(harness.table(rows, COLUMNS))
+    harness.write_json(args.json, rows)
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(main)
