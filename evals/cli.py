@@ -119,11 +119,15 @@ def _build_methods(specs, model, args, tokenizer, draft_model) -> list:
     if eos is None:
         eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    try:
-        return [Method(spec, model, sampling, eos_token_id=eos, pad_token_id=pad,
-                       draft_model=draft_model) for spec in specs]
-    except (ValueError, TypeError) as error:
-        raise UsageError(str(error)) from None
+    methods = []
+    for spec in specs:
+        try:
+            methods.append(Method(spec, model, sampling, eos_token_id=eos, pad_token_id=pad,
+                                  draft_model=draft_model))
+        except (ValueError, TypeError) as error:
+            message = str(error).removeprefix(f"method {spec.label!r} ")
+            raise UsageError(f"method {spec.label!r}: {message}") from None
+    return methods
 
 
 def _run(args: argparse.Namespace) -> int:
