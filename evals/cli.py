@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 from evals import datasets as eval_datasets
+from specdec.errors import UsageError
 
 DEFAULT_METHODS = "baseline,hf-pld,pld,trie"
 
@@ -61,20 +64,86 @@ def _dataset_names(args) -> list[str]:
     return names + list(args.data)
 
 
+def check_settings(args: argparse.Namespace) -> None:
+    """The settings' ranges, before anything is loaded (`UsageError` names the flag)."""
+    checks = [
+        ("--limit", args.limit, args.limit >= 1, "an integer >= 1"),
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
+        ("--exec-timeout", args.exec_timeout, args.exec_timeout > 0, "a number of seconds > 0"),
+        ("--warmup", args.warmup, args.warmup >= 0, "an integer >= 0"),
+        ("--temperature", args.temperature, args.temperature >= 0, "a number >= 0"),
+        ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, "an integer >= 1"),
+        ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
+    ]
+    for flag, value, valid, wanted in checks:
+        if not valid:
+            raise UsageError(f"{flag} must be {wanted}, got {value}")
+
+
+def load_examples(args: argparse.Namespace) -> list:
+    """The first ``--limit`` prompts of every dataset; question files named apart by folder."""
+    names = _dataset_names(args)
+    files = [name for name in names if name not in eval_datasets.BUILTIN]
+    shown = eval_datasets.display_names(files)
+    sources = [name if name in eval_datasets.BUILTIN else str(Path(name).resolve())
+               for name in names]
+    if len(set(sources)) != len(sources):
+        twice = next(name for name, key in zip(names, sources) if sources.count(key) > 1)
+        raise UsageError(f"dataset {twice!r} is listed twice; list each dataset once")
+    try:
+        return [example for name in names
+                for example in eval_datasets.load(name, args.data_dir, args.limit,
+                                                  display=shown.get(name))]
+    except eval_datasets.DatasetError as error:
+        raise UsageError(str(error)) from None
+
+
 def run(args: argparse.Namespace) -> int:
+    """``specdec eval``: bad input prints one line on stderr and exits with status 2."""
+    try:
+        return _run(args)
+    except UsageError as error:
+        print(f"specdec eval: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"specdec eval: interrupted; rerun the same command to resume from the records "
+              f"in {args.out}", file=sys.stderr)
+        return 130
+
+
+def _build_methods(specs, model, args, tokenizer, draft_model) -> list:
+    from evals.methods import Method, SamplingSettings
+
+    sampling = SamplingSettings(args.temperature, args.top_k, args.top_p, args.seed)
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    methods = []
+    for spec in specs:
+        try:
+            methods.append(Method(spec, model, sampling, eos_token_id=eos, pad_token_id=pad,
+                                  draft_model=draft_model))
+        except (ValueError, TypeError) as error:
+            message = str(error).removeprefix(f"method {spec.label!r} ")
+            raise UsageError(f"method {spec.label!r}: {message}") from None
+    return methods
+
+
+def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from evals.methods import Method, SamplingSettings, parse_methods
-    from evals.report import markdown, write_reports
+    from evals.methods import parse_methods
+    from evals.report import PLOTS_SKIPPED, markdown, plot_if_available, write_reports
     from evals.runner import process_state, run_eval
     from specdec.cli import load_model
 
+    check_settings(args)
     try:
         specs = parse_methods(args.methods)
-        examples = [example for name in _dataset_names(args)
-                    for example in eval_datasets.load(name, args.data_dir, args.limit)]
     except ValueError as error:
-        raise SystemExit(f"specdec eval: {error}") from None
+        raise UsageError(str(error)) from None
+    examples = load_examples(args)
     state = process_state(args.device)
     device = args.device or str(state.device)
     model, tokenizer = load_model(args.model, args.dtype, device)
@@ -83,16 +152,7 @@ def run(args: argparse.Namespace) -> int:
         # a separate object even when it is the same checkpoint: hf-assisted's target forwards
         # are counted with a hook on the target, which must not see the draft's calls
         draft_model = load_model(args.draft_model or args.model, args.dtype, device)[0]
-    sampling = SamplingSettings(args.temperature, args.top_k, args.top_p, args.seed)
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    try:
-        methods = [Method(spec, model, sampling, eos_token_id=eos, pad_token_id=pad,
-                          draft_model=draft_model) for spec in specs]
-    except (ValueError, TypeError) as error:
-        raise SystemExit(f"specdec eval: {error}") from None
+    methods = _build_methods(specs, model, args, tokenizer, draft_model)
     config = {"model": args.model, "draft_model": args.draft_model or args.model,
               "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
@@ -117,8 +177,6 @@ def run(args: argparse.Namespace) -> int:
                            warmup=args.warmup, execute=not args.no_execute,
                            exec_timeout=args.exec_timeout, progress=progress,
                            on_start=on_start, state=state)
-    except ValueError as error:
-        raise SystemExit(f"specdec eval: {error}") from None
     finally:
         if bar is not None:
             bar.close()
@@ -126,7 +184,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     title = (f"{args.model}, max_new_tokens {args.max_new_tokens}, temperature "
              f"{args.temperature}, {args.limit} prompts per dataset")
-    rows = write_reports(records, args.out, args.temperature, title)
+    rows = write_reports(records, args.out, args.temperature, title, plots=False)
+    plotted = plot_if_available(rows, args.out)
     print(markdown(rows, title))
-    print(f"records, summary.json, summary.md and plots in {args.out}")
+    if plotted is None:
+        print(PLOTS_SKIPPED)
+    print(f"records, summary.json, summary.md{' and plots' if plotted else ''} in {args.out}")
     return 0

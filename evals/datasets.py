@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 BUILTIN = ("mt_bench", "gsm8k", "humaneval")
 FILES = {
@@ -54,6 +54,16 @@ class Example:
     prompt: str  # the user message the model answers
     category: str | None = None
     reference: Any = None  # gsm8k: the final answer; humaneval: the problem dict; else optional
+    source: str | None = None  # a question file's resolved path: what identifies its dataset
+
+    @property
+    def key(self) -> str:
+        """What tells this example's dataset apart from every other: a file's path, else the name."""
+        return dataset_key(self.dataset, self.source)
+
+
+def dataset_key(dataset: str, source: str | None) -> str:
+    return source or dataset
 
 
 def _require(row: dict, fields: dict[str, type | tuple[type, ...]], where: str,
@@ -161,17 +171,23 @@ def _hub_rows(name: str) -> Iterator[tuple[str, dict]]:
         yield f"hub:{path}[{index}]", row
 
 
-def load(name: str, data_dir: str | Path | None = None, limit: int | None = None) -> list[Example]:
+def load(name: str, data_dir: str | Path | None = None, limit: int | None = None,
+         display: str | None = None) -> list[Example]:
     """The first ``limit`` examples of a dataset.
 
     ``name`` is one of ``BUILTIN`` (read from ``data_dir``, or the hub when it is None) or the path
-    of a Spec-Bench style ``.jsonl`` file (dataset name: the file's stem).
+    of a Spec-Bench style ``.jsonl`` file. A file's examples carry its resolved path as
+    ``source`` (their dataset's identity) and ``display`` as their dataset name (default: the
+    file's stem; see `display_names`).
     """
     if name in BUILTIN:
         rows = _hub_rows(name) if data_dir is None else _json_lines(Path(data_dir) / FILES[name])
         examples = _examples(name, rows, name)
     elif Path(name).suffix in (".jsonl", ".gz") or Path(name).is_file():
-        examples = _examples(dataset_name(name), _json_lines(Path(name)), "spec_bench")
+        source = str(Path(name).resolve())
+        examples = [replace(example, source=source) for example in
+                    _examples(display or dataset_name(name), _json_lines(Path(name)),
+                              "spec_bench")]
     else:
         raise DatasetError(
             f"unknown dataset {name!r}: use one of {', '.join(BUILTIN)} or the path of a "
@@ -188,6 +204,33 @@ def dataset_name(name: str) -> str:
     for suffix in (".gz", ".jsonl", ".json"):
         stem = stem.removesuffix(suffix)
     return stem
+
+
+def display_names(paths: Sequence[str]) -> dict[str, str]:
+    """A short name for each question file that no other file or builtin dataset shares.
+
+    The file's stem, prefixed by as many parent folders as it takes: ``a/q.jsonl`` and
+    ``b/q.jsonl`` are ``a/q`` and ``b/q``; a file ``x/gsm8k.jsonl`` is ``x/gsm8k``.
+    """
+    resolved = {path: Path(path).resolve() for path in paths}
+    depth = dict.fromkeys(resolved.values(), 0)
+
+    def name(file: Path) -> str:
+        parents = file.parent.parts[1:]  # without the root
+        if depth[file] > len(parents):
+            return str(file)
+        return "/".join(parents[len(parents) - depth[file]:] + (dataset_name(file.name),))
+
+    while True:
+        owners: dict[str, set[Path]] = {}
+        for file in depth:
+            owners.setdefault(name(file), set()).add(file)
+        clashing = [file for label, files in owners.items()
+                    if len(files) > 1 or label in BUILTIN for file in files]
+        if not clashing:
+            return {path: name(file) for path, file in resolved.items()}
+        for file in clashing:
+            depth[file] += 1
 
 
 def chat_input_ids(tokenizer, prompt: str):

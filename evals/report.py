@@ -11,12 +11,17 @@ Row fields:
 - ``speedup``: median over prompts of this method's tokens/s divided by the baseline's on the same
   prompt, in the same run (1.0 for the baseline itself; None without a baseline). The median of
   paired ratios keeps one slow outlier generation from deciding the result.
+- ``speedup_vs_none``: the same ratio to the method ``none`` (the project's own loop without a
+  drafter), which tells the gain of drafting apart from that of the loop's forward; None when
+  ``none`` was not run.
 - ``tau``: new tokens per step, pooled over prompts (Spec-Bench's mean accepted length; for the
   Hugging Face methods a step is a target forward, so the baseline has tau 1).
 - ``acceptance_per_depth``: pooled P(draft at depth d accepted | the tree reached depth d); only
   for the project's drafters.
 - ``identical``: at temperature 0, the fraction of prompts whose output token ids equal the
   baseline's (must be 1.0 for lossless methods); None when sampling or without a baseline.
+- ``dataset``: the dataset's name (a question file's stem, with parent folders where two files
+  or a builtin would share it); ``source``: a question file's resolved path, which identifies it.
 - ``accuracy`` (GSM8K exact match) and ``pass_at_1`` (HumanEval), for every method, baseline
   included; None for datasets without a metric.
 """
@@ -28,7 +33,11 @@ from pathlib import Path
 from statistics import median
 from typing import Sequence
 
+from evals.datasets import dataset_key, display_names
+
 BASELINE = "baseline"
+UNDRAFTED = "none"
+PLOTS_SKIPPED = "plots skipped: matplotlib is not installed (pip install matplotlib)"
 
 
 def _pooled_acceptance(records: list[dict]) -> list[float] | None:
@@ -51,37 +60,58 @@ def _fraction(values: list[bool | None]) -> float | None:
     return sum(bool(v) for v in values) / len(values)
 
 
+def _paired_speedup(group: list[dict], reference: list[dict]) -> float | None:
+    by_id = {r["id"]: r for r in reference}
+    ratios = [r["tokens_per_s"] / by_id[r["id"]]["tokens_per_s"] for r in group if r["id"] in by_id]
+    return median(ratios) if ratios else None
+
+
+def _identical(group: list[dict], reference: list[dict]) -> float | None:
+    by_id = {r["id"]: r for r in reference}
+    paired = [(r, by_id[r["id"]]) for r in group if r["id"] in by_id]
+    if not paired:
+        return None
+    return sum(r["output_ids"] == b["output_ids"] for r, b in paired) / len(paired)
+
+
+def _names(records: Sequence[dict]) -> dict[str, str]:
+    """Dataset identity -> the name rows show (question files told apart by their folders)."""
+    sources = list(dict.fromkeys(r["source"] for r in records if r.get("source")))
+    files = display_names(sources)
+    return {dataset_key(r["dataset"], r.get("source")): files.get(r.get("source"), r["dataset"])
+            for r in records}
+
+
 def summarize(records: Sequence[dict], temperature: float = 0.0,
               baseline: str = BASELINE) -> list[dict]:
     """One row per (dataset, method), in the order the records first name them."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in records:
-        groups.setdefault((record["dataset"], record["method"]), []).append(record)
+        key = dataset_key(record["dataset"], record.get("source"))
+        groups.setdefault((key, record["method"]), []).append(record)
+    names = _names(records)
     rows = []
-    for (dataset, method), group in groups.items():
-        reference = {r["id"]: r for r in groups.get((dataset, baseline), [])}
-        paired = [(r, reference[r["id"]]) for r in group if r["id"] in reference]
-        speedup = identical = None
-        if paired:
-            speedup = median(r["tokens_per_s"] / b["tokens_per_s"] for r, b in paired)
-            if temperature == 0:
-                identical = sum(r["output_ids"] == b["output_ids"] for r, b in paired) / len(paired)
+    for (key, method), group in groups.items():
+        reference = groups.get((key, baseline), [])
+        dataset = names[key]
         steps = sum(r["steps"] for r in group)
         correct = [r["correct"] for r in group]
         rows.append({
             "dataset": dataset,
+            "source": group[0].get("source"),
             "method": method,
             "lossless": all(r["lossless"] for r in group),
             "n": len(group),
             "new_tokens": sum(r["new_tokens"] for r in group) / len(group),
             "wall_time": median(r["wall_time"] for r in group),
             "tokens_per_s": median(r["tokens_per_s"] for r in group),
-            "speedup": speedup,
+            "speedup": _paired_speedup(group, reference),
+            "speedup_vs_none": _paired_speedup(group, groups.get((key, UNDRAFTED), [])),
             "tau": sum(r["new_tokens"] for r in group) / steps if steps else None,
             "acceptance_per_depth": _pooled_acceptance(group),
-            "identical": identical,
-            "accuracy": _fraction(correct) if dataset == "gsm8k" else None,
-            "pass_at_1": _fraction(correct) if dataset == "humaneval" else None,
+            "identical": _identical(group, reference) if temperature == 0 else None,
+            "accuracy": _fraction(correct) if key == "gsm8k" else None,
+            "pass_at_1": _fraction(correct) if key == "humaneval" else None,
         })
     return rows
 
@@ -94,24 +124,32 @@ def _cell(value, digits: int = 2) -> str:
     return str(value)
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _quality(row: dict) -> str:
+    if row["accuracy"] is not None:
+        return f"accuracy {row['accuracy']:.2f}"
+    if row["pass_at_1"] is not None:
+        return f"pass@1 {row['pass_at_1']:.2f}"
+    return "-"
+
+
 def markdown(rows: Sequence[dict], title: str | None = None) -> str:
-    header = ["dataset", "method", "lossless", "n", "new tokens", "tokens/s", "speedup", "tau",
-              "identical", "quality"]
+    """The rows as a Markdown table; a "speedup vs none" column when ``none`` was run."""
+    vs_none = any(row.get("speedup_vs_none") is not None for row in rows)
+    header = ["dataset", "method", "lossless", "n", "new tokens", "tokens/s", "speedup",
+              *(["speedup vs none"] if vs_none else []), "tau", "identical", "quality"]
     lines = [f"## {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        if row["accuracy"] is not None:
-            quality = f"accuracy {row['accuracy']:.2f}"
-        elif row["pass_at_1"] is not None:
-            quality = f"pass@1 {row['pass_at_1']:.2f}"
-        else:
-            quality = "-"
-        speedup = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
-        lines.append("| " + " | ".join([
-            row["dataset"], row["method"], "yes" if row["lossless"] else "no", str(row["n"]), _cell(row["new_tokens"], 1),
-            _cell(row["tokens_per_s"], 1), speedup, _cell(row["tau"]),
-            _cell(row["identical"]), quality,
-        ]) + " |")
+        cells = [row["dataset"], row["method"], "yes" if row["lossless"] else "no", str(row["n"]),
+                 _cell(row["new_tokens"], 1), _cell(row["tokens_per_s"], 1),
+                 _ratio(row["speedup"]),
+                 *([_ratio(row.get("speedup_vs_none"))] if vs_none else []),
+                 _cell(row["tau"]), _cell(row["identical"]), _quality(row)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,12 +208,23 @@ def plot(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
     return [speed_path, depth_path]
 
 
+def plot_if_available(rows: Sequence[dict], out_dir: str | Path) -> list[Path] | None:
+    """`plot`, or None when matplotlib is not installed (the summaries do not need it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    return plot(rows, out_dir)
+
+
 def write_reports(records: Sequence[dict], out_dir: str | Path, temperature: float = 0.0,
-                  title: str | None = None) -> list[dict]:
-    """``summary.json``, ``summary.md`` and the plots in ``out_dir``; returns the rows."""
+                  title: str | None = None, plots: bool = True) -> list[dict]:
+    """``summary.json``, ``summary.md`` and (with ``plots``, where matplotlib is installed) the
+    plots in ``out_dir``; returns the rows."""
     out_dir = Path(out_dir)
     rows = summarize(records, temperature)
     (out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     (out_dir / "summary.md").write_text(markdown(rows, title), encoding="utf-8")
-    plot(rows, out_dir)
+    if plots:
+        plot_if_available(rows, out_dir)
     return rows
