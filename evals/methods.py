@@ -11,7 +11,7 @@
 - any drafter of `drafters.available` with an optional verifier of `verifiers.available`:
   ``pld``, ``trie:node_budget=8,max_depth=4+exact``, ``small-lm:depth=3,mode=iid+spectr``.
   The drafter key ``tree_budget=auto`` is handed to the loop (cost-aware tree size,
-  specdec/cost.py) instead of the drafter: ``eagle2:tree_budget=auto``.
+  specdec/engine/cost.py) instead of the drafter: ``eagle2:tree_budget=auto``.
   Without a verifier: ``greedy`` at temperature 0, ``exact`` otherwise.
 
 Values are Python literals where they parse (``branching=[2,2,1]``; commas inside brackets do not

@@ -114,7 +114,7 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
     or objects. With a lossless verifier the output is distributed exactly as the target's own
     sampling with the same temperature / top-k / top-p (token-for-token equal at temperature 0).
     Generation stops right after an ``eos_token_id`` token or at ``max_new_tokens``.
-    ``tree_budget``: ``"auto"`` (or a `specdec.cost.TreeBudget`, or a `LatencyProfile`) prunes
+    ``tree_budget``: ``"auto"`` (or a `specdec.engine.cost.TreeBudget`, or a `LatencyProfile`) prunes
     every drafted tree to the size that maximises expected tokens per second under the target's
     measured latency (``"auto"`` measures it on first use per model/device and caches it); the
     choices are reported in ``stats.extra["tree_budget"]``.

@@ -28,7 +28,7 @@ class DecodingState:
     # the last layer predicted the new root. Only filled for drafters with ``needs_hidden_states``.
     hidden_states: tuple[torch.Tensor, ...] | None = None
     step: int = 0
-    # a hint from the cost-aware tree budget (specdec/cost.py): the last step's drafted tree was
+    # a hint from the cost-aware tree budget (specdec/engine/cost.py): the last step's drafted tree was
     # cut to this many nodes, so drafting more was wasted; None when nothing was cut (or there is
     # no budget). Drafters MAY read it to draft at most node_budget + 1 nodes; when the budget
     # keeps a tree drafted under a hint whole, the next hint is twice its size, so a drafter that

@@ -14,7 +14,7 @@ Glossary (used throughout specdec):
   drafter has no distribution (n-gram lookups).
 - **node_scores** (optional): the drafter's estimate of the probability that each node ends up
   on the accepted path (EAGLE-2's product of draft probabilities along the path); never larger
-  than the parent's. The cost-aware budget (specdec/cost.py) calibrates and uses them.
+  than the parent's. The cost-aware budget (specdec/engine/cost.py) calibrates and uses them.
 - **sampling**: how a node's children were drawn from ``q``: ``"iid"`` (independent draws),
   ``"without_replacement"`` (Gumbel-top-k / stochastic beam search; children listed in the order
   drawn) or ``"deterministic"`` (top-k or looked-up children). The lossless acceptance rule
