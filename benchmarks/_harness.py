@@ -13,9 +13,9 @@ reports the method's speed against both, as in `evals.report`: the median over p
 method's tokens/s divided by the reference's on the same prompt. The ratio to ``baseline`` is what
 a user of ``generate`` gains; the ratio to ``none`` isolates what drafting buys inside the loop.
 
-Records (``records.jsonl``, resumable) go to ``--out`` (a temporary folder without it); the loop's
-own statistics beyond what the eval records (draft time, tree sizes, tree-budget choices) are kept
-beside them in ``loop_stats.jsonl`` and attached to each record as ``record["loop"]``.
+Records (``records.jsonl``, resumable) go to ``--out`` (a temporary folder without it); a record of
+the project's loop carries the loop's statistics beyond its step counts (draft time, tree sizes,
+tree-budget choices) as ``record["loop"]``, from the generation's `evals.methods.Generation.stats`.
 """
 
 from __future__ import annotations
@@ -29,17 +29,18 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+from evals import cli as eval_cli
 from evals import datasets as eval_datasets
+from evals import methods as eval_methods
 from evals.methods import Method, MethodSpec, SamplingSettings, parse_method, parse_methods
 from evals.report import summarize
-from evals.runner import process_state, record_key, run_eval
+from evals.runner import process_state, run_config, run_eval
 from specdec.errors import UsageError
 
 REFERENCES = ("baseline", "none")
 BENCHMARKS = Path(__file__).resolve().parent
 LONG_PROMPTS = BENCHMARKS / "data" / "summarize.jsonl"
 SHARED_DATA = BENCHMARKS.parents[1] / "shared" / "data"
-LOOP_STATS = "loop_stats.jsonl"
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -108,11 +109,9 @@ def load_examples(args) -> list[eval_datasets.Example]:
     names = dataset_names(args)
     if not names:
         raise UsageError("no data sets: give --datasets or --data")
-    try:
-        return [example for name in names
-                for example in eval_datasets.load(name, data_dir(args), args.limit)]
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    # every name as a --data entry: the eval tells the builtins from question files itself
+    return eval_cli.load_examples(argparse.Namespace(datasets=None, data=names,
+                                                     data_dir=data_dir(args), limit=args.limit))
 
 
 def method_specs(text: str) -> list[MethodSpec]:
@@ -154,99 +153,42 @@ def load_model(args):
     return load(args.model, getattr(args, "dtype", "float32"), getattr(args, "device", None))
 
 
-class BenchMethod(Method):
-    """An eval method that also keeps the loop's statistics of its last call (``last_stats``:
-    draft time, tree sizes, tree-budget choices), which `evals.methods.Generation` leaves out."""
-
-    last_stats = None
-
-    def _speculative(self, input_ids, max_new_tokens):
-        import specdec.loop as loop
-
-        generate = loop.speculative_generate
-
-        def keep(*args, **kwargs):
-            out = generate(*args, **kwargs)
-            self.last_stats = out.stats
-            return out
-
-        loop.speculative_generate = keep  # Method._speculative looks the function up per call
-        try:
-            return super()._speculative(input_ids, max_new_tokens)
-        finally:
-            loop.speculative_generate = generate
-
-
 def top_k(args) -> int | None:
     """``--top-k`` of the scripts that sample (0 or absent: the full vocabulary)."""
     return getattr(args, "top_k", None) or None
 
 
-def build_methods(args, specs: Sequence[MethodSpec], model, tokenizer) -> list[BenchMethod]:
-    draft_model = None
-    if any(spec.needs_draft_model for spec in specs):
-        from specdec.cli import load_model as load
-        draft_model = load(args.draft_model or args.model, args.dtype, args.device)[0]
-    eos = model.generation_config.eos_token_id
-    eos = tokenizer.eos_token_id if eos is None else eos
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = SamplingSettings(args.temperature, top_k(args), None, args.seed)
-    try:
-        return [BenchMethod(spec, model, sampling, eos_token_id=eos, pad_token_id=pad,
-                            draft_model=draft_model) for spec in specs]
-    except (ValueError, TypeError) as error:
-        raise UsageError(str(error)) from None
+def sampling(args) -> SamplingSettings:
+    return SamplingSettings(args.temperature, top_k(args), None, args.seed)
+
+
+def build_methods(args, specs: Sequence[MethodSpec], model, tokenizer) -> list[Method]:
+    """The eval's methods of ``specs`` (`evals.methods.build_methods`, as ``specdec eval``)."""
+    from specdec.cli import load_model as load
+
+    def load_draft_model():
+        return load(args.draft_model or args.model, args.dtype, args.device)[0]
+
+    return eval_methods.build_methods(specs, model, tokenizer, sampling(args),
+                                      load_draft_model=load_draft_model)
 
 
 # ---------------------------------------------------------------------------------------- runs
-def _loop_fields(stats) -> dict:
-    return {"draft_time": stats.draft_time, "target_time": stats.target_time,
-            "prefill_time": stats.prefill_time, "tree_sizes": list(stats.tree_sizes),
-            "tree_budget": stats.extra.get("tree_budget")}
-
-
-def generate(args, model, tokenizer, methods: Sequence[BenchMethod],
+def generate(args, model, tokenizer, methods: Sequence[Method],
              examples: Sequence[eval_datasets.Example]) -> list[dict]:
     """Records of every (example, method), run by the eval runner; ``record["loop"]`` holds the
     loop's statistics (None for the Hugging Face methods)."""
     with tempfile.TemporaryDirectory(prefix="specdec-bench-") as scratch:
-        out = Path(args.out or scratch)
-        out.mkdir(parents=True, exist_ok=True)
-        by_label = {method.label: method for method in methods}
-        config = {"model": args.model, "draft_model": args.draft_model or args.model,
-                  "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
-                  "temperature": args.temperature, "top_k": top_k(args), "top_p": None,
-                  "seed": args.seed}
-        with open(out / LOOP_STATS, "a", encoding="utf-8") as side:
-            def keep(record: dict) -> None:
-                method = by_label[record["method"]]
-                if method.last_stats is not None:
-                    side.write(json.dumps([list(record_key(record)),
-                                           _loop_fields(method.last_stats)]) + "\n")
-                    side.flush()
-                method.last_stats = None
-
-            try:
-                records = run_eval(model, tokenizer, examples, methods, out,
-                                   max_new_tokens=args.max_new_tokens, config=config,
-                                   warmup=args.warmup, execute=False, progress=keep,
-                                   state=process_state(args.device))
-            except ValueError as error:
-                raise UsageError(str(error)) from None
-        loop = {tuple(key): fields for key, fields in _read_loop_stats(out / LOOP_STATS)}
-    for record in records:
-        record["loop"] = loop.get(record_key(record))
-    return records
-
-
-def _read_loop_stats(path: Path) -> list:
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    return rows
+            records = run_eval(model, tokenizer, examples, methods, args.out or scratch,
+                               max_new_tokens=args.max_new_tokens,
+                               config=run_config(args, sampling(args)), warmup=args.warmup,
+                               execute=False, state=process_state(args.device))
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    for record in records:
+        record.setdefault("loop", None)  # a record of an --out written without them
+    return records
 
 
 def groups(records: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:

@@ -111,31 +111,12 @@ def run(args: argparse.Namespace) -> int:
         return 130
 
 
-def _build_methods(specs, model, args, tokenizer, draft_model) -> list:
-    from evals.methods import Method, SamplingSettings
-
-    sampling = SamplingSettings(args.temperature, args.top_k, args.top_p, args.seed)
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    methods = []
-    for spec in specs:
-        try:
-            methods.append(Method(spec, model, sampling, eos_token_id=eos, pad_token_id=pad,
-                                  draft_model=draft_model))
-        except (ValueError, TypeError) as error:
-            message = str(error).removeprefix(f"method {spec.label!r} ")
-            raise UsageError(f"method {spec.label!r}: {message}") from None
-    return methods
-
-
 def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from evals.methods import parse_methods
+    from evals.methods import SamplingSettings, build_methods, parse_methods
     from evals.report import PLOTS_SKIPPED, markdown, plot_if_available, write_reports
-    from evals.runner import process_state, run_eval
+    from evals.runner import process_state, run_config, run_eval
     from specdec.cli import load_model
 
     check_settings(args)
@@ -147,16 +128,15 @@ def _run(args: argparse.Namespace) -> int:
     state = process_state(args.device)
     device = args.device or str(state.device)
     model, tokenizer = load_model(args.model, args.dtype, device)
-    draft_model = None
-    if any(spec.needs_draft_model for spec in specs):
+    sampling = SamplingSettings(args.temperature, args.top_k, args.top_p, args.seed)
+
+    def load_draft_model():
         # a separate object even when it is the same checkpoint: hf-assisted's target forwards
         # are counted with a hook on the target, which must not see the draft's calls
-        draft_model = load_model(args.draft_model or args.model, args.dtype, device)[0]
-    methods = _build_methods(specs, model, args, tokenizer, draft_model)
-    config = {"model": args.model, "draft_model": args.draft_model or args.model,
-              "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
-              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-              "seed": args.seed}
+        return load_model(args.draft_model or args.model, args.dtype, device)[0]
+
+    methods = build_methods(specs, model, tokenizer, sampling, load_draft_model=load_draft_model)
+    config = run_config(args, sampling)
 
     bar = None
     if state.is_main_process:

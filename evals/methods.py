@@ -16,14 +16,17 @@
 
 Values are Python literals where they parse (``branching=[2,2,1]``; commas inside brackets do not
 split), strings otherwise. The Hugging Face methods take ``generate`` keyword arguments the same
-way (``hf-pld:prompt_lookup_num_tokens=5``). ``small-lm`` drafts with the ``draft_model`` given to
-`build` (``--draft-model``; the target itself when none) unless the spec names ``model=PATH``;
-``lantern`` gets the target's input embeddings unless the spec gives its own.
+way (``hf-pld:prompt_lookup_num_tokens=5``). ``small-lm`` drafts with the draft model that
+`build_methods` loads (``--draft-model``; the target's checkpoint when none) unless the spec names
+``model=PATH``; ``lantern`` gets the target's input embeddings unless the spec gives its own.
 
-Each method runs one prompt and returns a `Generation`: the new token ids, the wall time of the
-whole call (prefill included, as Spec-Bench measures), and its step counts. For the Hugging Face
-methods a step is one forward of the target (counted with a forward hook), so their ``tau`` is new
-tokens per target forward; only the project's loop reports acceptance per depth.
+`build_methods` turns the parsed specs into the methods of one run (what ``specdec eval`` and the
+benchmark scripts both call). Each method runs one prompt and returns a `Generation`: the new
+token ids, the wall time of the whole call (prefill included, as Spec-Bench measures), and its
+step counts. For the Hugging Face methods a step is one forward of the target (counted with a
+forward hook), so their ``tau`` is new tokens per target forward; only the project's loop reports
+acceptance per depth, and its `specdec.state.GenerationStats` (draft and target time, tree sizes,
+tree-budget choices) come with the generation as ``Generation.stats``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ from __future__ import annotations
 import ast
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
+
+from specdec.errors import UsageError
+from specdec.state import GenerationStats
 
 HF_METHODS = {
     "baseline": {},
@@ -50,6 +56,7 @@ class Generation:
     accepted_lengths: list[int] | None = None  # per step: accepted drafts + 1 (project loop only)
     depth_attempts: list[int] | None = None  # [d-1]: steps whose tree reached depth d
     depth_accepts: list[int] | None = None  # [d-1]: steps that accepted >= d drafts
+    stats: GenerationStats | None = None  # the project's loop only: its counters and times
 
 
 @dataclass
@@ -268,4 +275,29 @@ class Method:
         wall = _clock(self.device) - start
         stats = out.stats
         return Generation(out.new_token_ids, wall, stats.steps, list(stats.accepted_lengths),
-                          list(stats.depth_attempts), list(stats.depth_accepts))
+                          list(stats.depth_attempts), list(stats.depth_accepts), stats)
+
+
+def build_methods(specs: Sequence[MethodSpec], model, tokenizer, sampling: SamplingSettings, *,
+                  load_draft_model: Callable[[], Any] | None = None) -> list[Method]:
+    """The `Method` of every spec for one run on ``model``, ending at the model's EOS.
+
+    ``load_draft_model()`` returns the draft model of ``small-lm`` and ``hf-assisted``; it is
+    called once, and only when a spec needs one. A spec that cannot be built raises `UsageError`
+    naming it.
+    """
+    draft_model = None
+    if load_draft_model is not None and any(spec.needs_draft_model for spec in specs):
+        draft_model = load_draft_model()
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    methods = []
+    for spec in specs:
+        try:
+            methods.append(Method(spec, model, sampling, eos_token_id=eos, pad_token_id=pad,
+                                  draft_model=draft_model))
+        except (ValueError, TypeError) as error:
+            message = str(error).removeprefix(f"method {spec.label!r} ")
+            raise UsageError(f"method {spec.label!r}: {message}") from None
+    return methods

@@ -15,6 +15,10 @@ same name in different folders never share records. ``OUT/config.json`` holds wh
 depend on (model, max_new_tokens, sampling, seed): adding records made with different values is
 refused.
 
+Beside the step counts every record has, a record of the project's loop keeps ``loop``: the
+draft, target and prefill seconds, the tree size per step and the tree budget's choices of its
+`evals.methods.Generation.stats` (`loop_fields`; None for the Hugging Face methods).
+
 Every check (prompt lengths against the model's context, existing records and settings, one
 short warm-up call of each method) runs before the run writes anything, so a run refused for bad
 input leaves nothing in the way of the corrected rerun.
@@ -42,7 +46,8 @@ from specdec.target import context_length
 CONFIG = "config.json"
 MERGED = "records.jsonl"
 SHARD_GLOB = "records.rank*.jsonl"
-TIMING_FIELDS = ("wall_time", "tokens_per_s", "rank")  # differ between otherwise equal runs
+# differ between otherwise equal runs ("loop": the loop's draft and target seconds)
+TIMING_FIELDS = ("wall_time", "tokens_per_s", "loop", "rank")
 
 
 def shard_path(out_dir: Path, rank: int) -> Path:
@@ -118,6 +123,16 @@ def _append_line(fd: int, text: str) -> None:
         data = data[os.write(fd, data):]
 
 
+def run_config(args, sampling) -> dict:
+    """What the records of a run depend on beyond prompts and methods (``config.json``): the
+    ``--model``, ``--draft-model`` and ``--dtype`` of ``args``, ``--max-new-tokens``, and the
+    `evals.methods.SamplingSettings`."""
+    return {"model": args.model, "draft_model": args.draft_model or args.model,
+            "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+            "temperature": sampling.temperature, "top_k": sampling.top_k,
+            "top_p": sampling.top_p, "seed": sampling.seed}
+
+
 def check_config(out_dir: Path, config: dict, has_records: bool) -> None:
     """Refuse to add to records made with settings other than ``config``.
 
@@ -178,6 +193,16 @@ def _acceptance(attempts: list[int] | None, accepts: list[int] | None) -> list[f
     return [a / n if n else 0.0 for a, n in zip(accepts, attempts)]
 
 
+def loop_fields(stats) -> dict | None:
+    """What a record keeps of the loop's `specdec.state.GenerationStats` beyond its step counts:
+    draft, target and prefill seconds, the tree size per step, the tree budget's choices."""
+    if stats is None:
+        return None
+    return {"draft_time": stats.draft_time, "target_time": stats.target_time,
+            "prefill_time": stats.prefill_time, "tree_sizes": list(stats.tree_sizes),
+            "tree_budget": stats.extra.get("tree_budget")}
+
+
 def make_record(example: Example, index: int, method: Method, generation, text: str,
                 correct: bool | None, prompt_tokens: int, rank: int) -> dict:
     return {
@@ -200,6 +225,7 @@ def make_record(example: Example, index: int, method: Method, generation, text: 
         "depth_accepts": generation.depth_accepts,
         "acceptance_per_depth": _acceptance(generation.depth_attempts, generation.depth_accepts),
         "correct": correct,
+        "loop": loop_fields(generation.stats),
         "rank": rank,
     }
 
