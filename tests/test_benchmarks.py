@@ -3,6 +3,7 @@ prompts, bad input refused before the model loads, and the long-prompt file."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import subprocess
@@ -225,3 +226,77 @@ def test_long_prompt_file_is_rebuilt_identically_with_the_stored_counts():
     assert [make.prompt_tokens(tokenizer, row["turns"][0]) for row in rows] == [
         row["prompt_tokens"] for row in rows]
     assert make.build(tokenizer, iter_conversations("sharegpt")) == rows
+
+
+def _swaps_speculative_generate(node) -> bool:
+    """An assignment, deletion or patch call that replaces ``speculative_generate``."""
+    def named(target) -> bool:
+        if isinstance(target, (ast.Tuple, ast.List)):
+            return any(map(named, target.elts))
+        return (isinstance(target, ast.Name) and target.id == "speculative_generate"
+                or isinstance(target, ast.Attribute) and target.attr == "speculative_generate")
+
+    if isinstance(node, (ast.Assign, ast.Delete)):
+        return any(map(named, node.targets))
+    if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        return named(node.target)
+    if isinstance(node, ast.Call):
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+        return name in ("setattr", "patch", "object") and any(
+            isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+            and arg.value.endswith("speculative_generate") for arg in node.args)
+    return False
+
+
+def test_no_benchmark_swaps_speculative_generate():
+    swapped = [f"{path.name}:{node.lineno}" for path in sorted(BENCHMARKS.glob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+               if _swaps_speculative_generate(node)]
+    assert swapped == []
+
+
+def test_the_swap_check_sees_assignments_and_patches():
+    sources = ["loop.speculative_generate = keep", "speculative_generate, x = f, 1",
+               "setattr(loop, 'speculative_generate', keep)",
+               "monkeypatch.setattr('specdec.loop.speculative_generate', keep)",
+               "mock.patch.object(loop, 'speculative_generate')"]
+    for source in sources:
+        assert any(map(_swaps_speculative_generate, ast.walk(ast.parse(source)))), source
+    assert not any(map(_swaps_speculative_generate, ast.walk(ast.parse(
+        "out = loop.speculative_generate(model, ids)"))))
+
+
+def test_harness_methods_are_the_evals(tiny):
+    import argparse
+
+    from evals.methods import Generation
+
+    parser = argparse.ArgumentParser()
+    harness.add_arguments(parser, methods="pld", datasets="mt_bench")
+    args = parser.parse_args(["--model", tiny])
+    model, tokenizer = harness.load_model(args)
+    specs = harness.method_specs("pld,trie:node_budget=4")
+    methods = harness.build_methods(args, specs, model, tokenizer)
+    assert [type(method) for method in methods] == [Method] * 4  # no subclass of its own
+    generation = methods[-1](eval_datasets.chat_input_ids(tokenizer, PROMPTS[0]), 6)
+    assert isinstance(generation, Generation)
+    assert sum(generation.stats.accepted_lengths) == len(generation.output_ids)
+
+
+def test_a_resumed_benchmark_keeps_the_loops_statistics(tiny, questions, tmp_path, monkeypatch):
+    argv = common(tiny, questions) + ["--methods", "trie:node_budget=4", "--out", str(tmp_path)]
+    first = script("bench_trained").main(argv)
+    calls = []
+    call = Method.__call__
+
+    def spy(self, input_ids, max_new_tokens):
+        calls.append(self.label)
+        return call(self, input_ids, max_new_tokens)
+
+    monkeypatch.setattr(Method, "__call__", spy)
+    again = script("bench_trained").main(argv)
+    assert calls == []  # every record was read back, none generated again
+    loops = [[r["loop"] for r in row["records"]] for row in again]
+    assert loops == [[r["loop"] for r in row["records"]] for row in first]
+    assert all(loop is not None for loop in loops[-1]) and loops[0] == [None, None]

@@ -211,3 +211,75 @@ def test_write_reports_from_records_only(tmp_path, data_dir, tiny):
     rows = write_reports(read_records(tmp_path / MERGED), tmp_path)
     assert rows == summarize(records)
     assert json.loads((tmp_path / "summary.json").read_text()) == rows
+
+
+def test_a_loop_generation_carries_its_stats_consistent_with_its_tokens(data_dir, tiny):
+    model, tokenizer = tiny
+    ids = runner.chat_input_ids(tokenizer, load("mt_bench", data_dir, limit=1)[0].prompt)
+    baseline, *loops = build(model)
+    assert baseline(ids, 10).stats is None  # Hugging Face generate: no loop
+    for method in loops:
+        generation = method(ids, 10)
+        stats = generation.stats
+        assert stats is not None, method.label
+        assert stats.new_tokens == len(generation.output_ids) == sum(stats.accepted_lengths)
+        assert stats.steps == generation.steps == len(stats.accepted_lengths)
+        assert len(stats.tree_sizes) == stats.steps
+        assert list(stats.accepted_lengths) == generation.accepted_lengths
+        assert stats.draft_time >= 0 and stats.target_time > 0
+
+
+def test_records_keep_the_loops_statistics(tmp_path, data_dir, tiny):
+    model, tokenizer = tiny
+    records = run_eval(model, tokenizer, load("gsm8k", data_dir, limit=2), build(model),
+                       tmp_path, max_new_tokens=8, config=CONFIG, warmup=0)
+    assert read_records(tmp_path / MERGED) == records
+    for record in records:
+        loop = record["loop"]
+        if record["method"] == "baseline":
+            assert loop is None
+            continue
+        assert len(loop["tree_sizes"]) == record["steps"] == len(record["accepted_lengths"])
+        assert sum(record["accepted_lengths"]) == record["new_tokens"]
+        assert 0 <= loop["draft_time"] and 0 < loop["target_time"] <= record["wall_time"]
+
+
+def test_build_methods_loads_the_draft_model_once_and_only_when_needed(tiny):
+    from evals.methods import build_methods
+    from specdec.errors import UsageError
+
+    model, tokenizer = tiny
+    loads = []
+
+    def load_draft_model():
+        loads.append(1)
+        return tiny_model()
+
+    built = build_methods(parse_methods("pld,trie"), model, tokenizer, SamplingSettings(),
+                          load_draft_model=load_draft_model)
+    assert [m.label for m in built] == ["pld", "trie"] and loads == []
+    built = build_methods(parse_methods("hf-assisted,small-lm:depth=2"), model, tokenizer,
+                          SamplingSettings(), load_draft_model=load_draft_model)
+    assert loads == [1] and built[0].generate_kwargs["assistant_model"] is built[1].drafter.model
+    assert built[0].eos_token_id == model.generation_config.eos_token_id
+    with pytest.raises(UsageError, match="method 'small-lm:depth=2': needs a draft model"):
+        build_methods(parse_methods("small-lm:depth=2"), model, tokenizer, SamplingSettings())
+
+
+def test_the_eval_cli_builds_its_methods_with_build_methods(monkeypatch, tmp_path, data_dir):
+    import evals.methods
+    from specdec.cli import main
+
+    calls = []
+    original = evals.methods.build_methods
+
+    def spy(specs, *args, **kwargs):
+        calls.append([spec.label for spec in specs])
+        return original(specs, *args, **kwargs)
+
+    monkeypatch.setattr(evals.methods, "build_methods", spy)
+    assert main(["eval", "--model", str(save_tiny(tmp_path / "tiny")), "--data-dir",
+                 str(data_dir), "--datasets", "gsm8k", "--methods", "baseline,pld", "--limit",
+                 "1", "--max-new-tokens", "4", "--out", str(tmp_path / "run"),
+                 "--warmup", "0"]) == 0
+    assert calls == [["baseline", "pld"]]
