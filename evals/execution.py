@@ -51,6 +51,9 @@ memory_mb, cpu_seconds, verdict_fd = int(memory_mb), int(cpu_seconds), int(verdi
 libc = ctypes.CDLL(None, use_errno=True)
 _exit = os._exit
 
+def prctl(*args):  # absent outside Linux: the fallback then runs without these settings
+    return libc.prctl(*args, *[0] * (5 - len(args))) if hasattr(libc, "prctl") else -1
+
 def check(result, what):
     if result != 0:
         err = ctypes.get_errno()
@@ -99,13 +102,13 @@ def build_root(root):
     os.chroot(root)
 
 def drop_privileges():
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    prctl(38, 1)  # PR_SET_NO_NEW_PRIVS
     cap = 0
-    while libc.prctl(24, cap, 0, 0, 0) == 0:  # PR_CAPBSET_DROP, until past the last capability
+    while prctl(24, cap) == 0:  # PR_CAPBSET_DROP, until past the last capability
         cap += 1
-    libc.prctl(28, 0x2F, 0, 0, 0)  # PR_SET_SECUREBITS: no root privileges on exec, locked
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
-    libc.capset(header, (ctypes.c_uint32 * 6)())  # no effective, permitted, inheritable caps
+    prctl(28, 0x2F)  # PR_SET_SECUREBITS: no root privileges on exec, locked
+    if hasattr(libc, "capset"):  # no effective, permitted or inheritable capabilities
+        libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)())
 
 def set_limits():
     limit_bytes = memory_mb * 1024 * 1024
@@ -149,7 +152,7 @@ def run_program(done_w):
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)  # the nonce pipe
         os.closerange(3, done_w)
-        os.closerange(done_w + 1, 1 << 20)
+        os.closerange(done_w + 1, max(os.sysconf("SC_OPEN_MAX"), verdict_fd + 1))
         drop_privileges()
         set_limits()
         path = os.path.join(workdir, "program.py")
@@ -176,7 +179,7 @@ try:
     os.setsid()
 except OSError:
     pass
-libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc access, no ptrace from the program
+prctl(4, 0)  # PR_SET_DUMPABLE 0: no /proc access, no ptrace from the program
 try:
     if root:
         build_root(root)
@@ -187,7 +190,7 @@ except OSError as error:
 done_r, done_w = os.pipe()
 child = os.fork()
 if child == 0:
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the runner
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the runner
     run_program(done_w)
 os.close(done_w)
 os.waitpid(child, 0)
@@ -224,9 +227,12 @@ def isolation_mode() -> str:
             _mode = "namespaces"
             probe = _run("pass\n", 10.0, 256)
             _mode = "namespaces" if probe.passed else "basic"
+            why = f"unshare failed: {probe.detail or probe.status}"
+        else:
+            why = f"unshare is unavailable or {_ISOLATION_ENV}=basic"
         if _mode == "basic":
-            warnings.warn("generated code runs without namespaces (unshare unavailable or "
-                          f"{_ISOLATION_ENV}=basic): it is not cut off from the network, other "
+            warnings.warn(f"generated code runs without namespaces ({why}): it is "
+                          "not cut off from the network, other "
                           "processes or the filesystem by the OS; only rlimits, a new session "
                           "and Python-level guards apply", RuntimeWarning, stacklevel=2)
     return _mode
@@ -277,16 +283,22 @@ def _supervise(files: list, nonce: bytes, args: list[str], timeout: float) -> st
                                  start_new_session=True)
     finally:
         os.close(nonce_r)
-    finished = _wait_unreaped(child.pid, timeout)
+    finished = _wait_unreaped(child, timeout)
     _kill_group(child.pid)  # at the deadline, or leftovers of the fallback (no PID namespace)
     child.wait()
     return "finished" if finished else "timeout"
 
 
-def _wait_unreaped(pid: int, timeout: float) -> bool:
-    """Whether ``pid`` exits within ``timeout``; it stays a zombie so its group id stays ours."""
+def _wait_unreaped(child: subprocess.Popen, timeout: float) -> bool:
+    """Whether ``child`` exits in ``timeout``; it stays a zombie so its group id stays ours."""
+    if not hasattr(os, "waitid"):
+        try:
+            child.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
     deadline, delay = time.monotonic() + timeout, 0.0005
-    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+    while os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
