@@ -147,31 +147,40 @@ def install_guards():
     subprocess.Popen = refuse("subprocess.Popen is disabled while running generated code")
     builtins.exit = builtins.quit = refuse("exit is disabled while running generated code")
 
-def run_program(done_w):
+def execute():  # whether the program ran to its end (exiting before it is a failure)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # was the nonce pipe
+    os.closerange(3, done_w)
+    os.closerange(done_w + 1, max(os.sysconf("SC_OPEN_MAX"), verdict_fd + 1))
+    drop_privileges()
+    set_limits()
+    path = os.path.join(workdir, "program.py")
+    code = compile(open(path, encoding="utf-8").read(), path, "exec")
+    install_guards()
+    sys.argv = [path]
     try:
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)  # the nonce pipe
-        os.closerange(3, done_w)
-        os.closerange(done_w + 1, max(os.sysconf("SC_OPEN_MAX"), verdict_fd + 1))
-        drop_privileges()
-        set_limits()
-        path = os.path.join(workdir, "program.py")
-        code = compile(open(path, encoding="utf-8").read(), path, "exec")
-        install_guards()
-        sys.argv = [path]
         exec(code, {"__name__": "__main__"})
     except SystemExit as stop:
         print(f"the program exited before its end (SystemExit: {stop.code!r})", file=sys.stderr)
+        return False
+    return True
+
+def run_program(write=os.write):
+    try:
+        completed = execute()
     except BaseException:
-        traceback.print_exc()
-    else:
-        sys.stdout.flush()
-        os.write(done_w, b"\x01")
+        completed = False
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except BaseException:
             pass
+    if completed:
+        write(done_w, b"\x01")
     _exit(0)
 
 signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -191,7 +200,7 @@ done_r, done_w = os.pipe()
 child = os.fork()
 if child == 0:
     prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the runner
-    run_program(done_w)
+    run_program()
 os.close(done_w)
 os.waitpid(child, 0)
 os.set_blocking(done_r, False)
@@ -264,7 +273,8 @@ def _run(program: str, timeout: float, memory_mb: int) -> ExecutionResult:
         return ExecutionResult(False, "timeout", f"killed after {timeout:g} s", stdout)
     if verdict == nonce.decode():
         return ExecutionResult(True, "passed", "", stdout)
-    return ExecutionResult(False, "failed", "\n".join(stderr.strip().splitlines()[-5:]), stdout)
+    tail = "\n".join(stderr.strip().splitlines()[-5:])
+    return ExecutionResult(False, "failed", tail or "the program stopped before its end", stdout)
 
 
 def _supervise(files: list, nonce: bytes, args: list[str], timeout: float) -> str:
