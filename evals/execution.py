@@ -214,7 +214,8 @@ _exit(0)
 """
 
 _ISOLATION_ENV = "SPECDEC_EXEC_ISOLATION"  # "basic" forces the fallback without namespaces
-_UNSHARE = ["--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--net", "--mount"]
+_UNSHARE = ["--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--net", "--mount",
+            "--ipc"]
 _mode: str | None = None  # "namespaces" | "basic", decided on first use
 _OUTPUT_TAIL = 64 * 1024  # bytes of stdout / stderr the result keeps
 
