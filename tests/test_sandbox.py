@@ -22,7 +22,8 @@ PROBLEM = {
     "task_id": "Toy/1",
     "prompt": "def mul(a, b):\n    \"\"\"Product of a and b.\"\"\"\n",
     "canonical_solution": "    return a * b\n",
-    "test": "def check(candidate):\n    assert candidate(3, 4) == 12\n    assert candidate(0, 5) == 0\n",
+    "test": ("def check(candidate):\n    assert candidate(3, 4) == 12\n"
+             "    assert candidate(0, 5) == 0\n"),
     "entry_point": "mul",
 }
 WRONG = "    return a + b\n\n"
@@ -193,3 +194,13 @@ def test_forcing_the_fallback_warns_what_is_not_contained(monkeypatch):
     monkeypatch.setattr(execution, "_mode", None)
     with pytest.warns(RuntimeWarning, match="not cut off from the network"):
         assert execution.isolation_mode() == "basic"
+
+
+def test_without_unshare_the_fallback_is_used_and_still_judges(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no unshare on it
+    monkeypatch.delenv("SPECDEC_EXEC_ISOLATION", raising=False)
+    monkeypatch.setattr(execution, "_mode", None)
+    with pytest.warns(RuntimeWarning, match="unshare is unavailable"):
+        assert not humaneval_passed(WRONG + "raise SystemExit(17)\n", PROBLEM)
+    assert execution.isolation_mode() == "basic"
+    assert humaneval_passed(PROBLEM["canonical_solution"], PROBLEM)
