@@ -1,8 +1,9 @@
 """Multi-draft verifiers against the optimal-transport bound, on real next-token distributions.
 
 Target: the embedded SmolLM2-135M-Instruct's next-token distributions along its own sampled
-answers to the eval's prompts (MT-Bench first turns by default). Drafter: the same logits at a higher temperature (a drafter that
-knows the target's ranking but is too flat). Both are warped identically otherwise (top-k).
+answers to the eval's prompts (MT-Bench first turns by default). Drafter: the same logits at a scaled temperature
+(``--draft-temperature-scale``, default 0.6: a drafter that knows the target's ranking but is too
+sharp). Both are warped identically otherwise (top-k).
 
 For k = 1..4 drafts and each lossless multi-draft rule, the acceptance probability P(the node
 emits one of the drafts) is computed exactly per distribution (closed forms or enumeration, no

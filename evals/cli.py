@@ -1,7 +1,7 @@
 """``specdec eval``: speed, acceptance and quality of decoding methods (MT-Bench, GSM8K, HumanEval).
 
     specdec eval --datasets mt_bench,gsm8k,humaneval --methods baseline,hf-pld,pld,trie \\
-        --limit 5 --max-new-tokens 128 --data-dir ../shared/data --out runs/embedded
+        --limit 5 --max-new-tokens 128 --data-dir ../shared/data --out eval-embedded
 
 Data-parallel over GPUs with ``accelerate launch -m specdec.cli eval ...``, over CPU processes with
 ``torchrun --nproc_per_node N -m specdec.cli eval ...``.

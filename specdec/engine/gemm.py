@@ -8,7 +8,7 @@ as ``F.linear`` and 0.18 ms as ``x @ W_t`` with ``W_t = W^T`` stored contiguousl
 49152-row LM head 26 ms against 15 ms; they agree for 1 to 3 rows. Over SmolLM2-135M's 211 linear
 layers, on one thread, a 12-token verify forward goes from 150 ms to 113 ms and a 64-token one
 from 219 ms to 185 ms; on two threads the two layouts are within timing noise
-(``benchmarks/bench_gemm.py``, table in docs/drafters.md).
+(``benchmarks/bench_gemm.py``; see docs/engine.md).
 
 `TransposedLinears` keeps a contiguous transposed copy of each plain ``nn.Linear`` weight (a
 `specdec.engine.backends.Linear` with the ``"transposed"`` backend) and, only inside ``active(n)``

@@ -150,7 +150,7 @@ def _module():
 
 def available() -> bool:
     """Whether the kernel is on (`SPECDEC_KERNEL` not 0) and built for this host (compiled on
-    the first call, about 30 s here; cached by torch's extension directory afterwards)."""
+    the first call; cached by torch's extension directory afterwards)."""
     if not enabled() or platform.system() == "Windows":
         return False
     return _module() is not None
