@@ -577,6 +577,18 @@ def check_settings(args: argparse.Namespace) -> None:
     ])
 
 
+def check_init(kind: str, init: str) -> None:
+    """``--init`` names trained weights of ``kind``: a folder or a shipped name."""
+    from drafters.trained import read_config, resolve_weights
+
+    module, cls = KINDS[kind][0].split(":")
+    trainable = getattr(importlib.import_module(module), cls)
+    try:
+        read_config(resolve_weights(init), trainable.kind)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--init {init}: {error}") from None
+
+
 def open_data(data: str) -> Iterator[list[dict]]:
     """The conversations of ``--data``, its first one already read: a missing or empty file, or
     one without conversations, is refused before the target loads."""
@@ -614,6 +626,8 @@ def run(args: argparse.Namespace) -> int:
     from specdec.cli import load_model
 
     check_settings(args)
+    if args.init:
+        check_init(args.kind, args.init)
     conversations = open_data(args.data)
     torch.manual_seed(args.seed)
     target, tokenizer = load_model(args.target, args.dtype)
@@ -638,9 +652,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         sequences = (encode_first_exchange(tokenizer, turns, args.seq_len)
                      for turns in conversations)
-    manifest = extract_features(target, sequences, features_dir, args.max_tokens,
-                                source=source, seq_len=args.seq_len, top_k=args.teacher_top_k,
-                                batch_size=args.extract_batch_size)
+    try:
+        manifest = extract_features(target, sequences, features_dir, args.max_tokens,
+                                    source=source, seq_len=args.seq_len, top_k=args.teacher_top_k,
+                                    batch_size=args.extract_batch_size)
+    except ValueError as error:  # a cache of other settings
+        raise UsageError(str(error)) from None
     extracted = time.perf_counter() - start
     if manifest["tokens"] == 0:
         raise UsageError(f"--data {args.data}: no conversation gave tokens (each needs a user turn "
@@ -652,7 +669,10 @@ def run(args: argparse.Namespace) -> int:
     features = FeatureSet.load(features_dir, args.max_tokens)
     if args.init:
         # their draft vocabulary and architecture win over --draft-vocab / --heads / --layers
-        module = continue_training(args.kind, args.init, target)
+        try:
+            module = continue_training(args.kind, args.init, target)
+        except ValueError as error:  # weights trained for another target
+            raise UsageError(f"--init {args.init}: {error}") from None
         if args.ttt_steps is not None and "ttt_steps" in module.config:
             module.config["ttt_steps"] = args.ttt_steps
         draft_to_target = module.draft_to_target

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specdec.errors import UsageError
-from specdec.options import (DTYPES, TARGET_SUPPLIED, check_device, check_kwargs, check_name,
-                             finite, parse_kwargs, registered_class, require, verifier_kwargs_for)
+from specdec.options import (DTYPES, TARGET_SUPPLIED, HelpFormatter, check_device, check_kwargs,
+                             check_name, finite, parse_kwargs, registered_class, require,
+                             verifier_kwargs_for)
 
 _SUBCOMMANDS = {
     "generate": ("specdec.cli", "generate: speculative generation on one prompt"),
@@ -36,8 +37,7 @@ def load_model(name: str | None, dtype: str = "float32", device: str | None = No
         from specdec.embedded import load_embedded
         return load_embedded(dtype=torch_dtype, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if str(name).startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
-        raise UsageError(f"cannot load model {name!r}: no such folder")
+    check_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as error:  # neither a local folder nor a reachable hub model
@@ -47,6 +47,12 @@ def load_model(name: str | None, dtype: str = "float32", device: str | None = No
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def check_model(name: str | None) -> None:
+    """A model given as a path (``./m``, ``/m``, ``~/m``) exists."""
+    if str(name).startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise UsageError(f"cannot load model {name!r}: no such folder")
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool):
@@ -62,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     import drafters
     import verifiers
 
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument("--prompt", required=True)
+    parser.formatter_class = HelpFormatter
+    parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--model", default="embedded",
                         help="HF model id or path; 'embedded': the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--drafter", default="pld",
@@ -76,17 +82,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(verifiers.available())}")
     parser.add_argument("--verifier-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="keyword argument of the verifier (repeatable)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--tree-budget", choices=["auto"], default=None,
-                        help="prune each draft tree to the size that maximises expected tokens/s "
-                             "under the target's measured latency (measured once, cached)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="at most this many")
+    parser.add_argument("--tree-budget", choices=["auto", "off"], default="off",
+                        help="auto: prune each draft tree to the size that maximises expected "
+                             "tokens/s under the target's measured latency (measured once, cached)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest; 0: all")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass, in (0, 1]")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cpu")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
 
 
 @dataclass
@@ -118,6 +124,7 @@ def plan(args: argparse.Namespace) -> Plan:
     import verifiers
 
     check_settings(args)
+    check_model(args.model)
     check_name(args.drafter, drafters.available(), "--drafter")
     verifier = args.verifier
     if verifier == "auto":
@@ -194,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
             eos_token_id=tokenizer.eos_token_id, generator=generator,
-            tree_budget=args.tree_budget, streamer=streamer,
+            tree_budget=None if args.tree_budget == "off" else args.tree_budget,
+            streamer=streamer,
         )
     except ValueError as error:  # the loop's refusals: a drafter's weights for another target
         raise UsageError(str(error)) from None

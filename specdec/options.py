@@ -11,6 +11,7 @@ Every check raises `specdec.errors.UsageError` with one line that names the flag
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib
@@ -24,6 +25,17 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 # verifier name -> keyword arguments it gets from the target model unless given
 TARGET_SUPPLIED: dict[str, tuple[str, ...]] = {"lantern": ("embeddings",)}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that shows each option's default where it has one (not for flags, required
+    options or options without a default)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if action.required or default is None or default is False or default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------------------- key=value
