@@ -41,7 +41,7 @@ import torch
 
 from drafters.trained import target_fingerprint
 from specdec.errors import UsageError
-from specdec.options import DTYPES, finite, require
+from specdec.options import DTYPES, HelpFormatter, finite, first_line, require
 
 # kind -> (module:class of the trainable module, default options)
 KINDS: dict[str, tuple[str, dict]] = {
@@ -76,6 +76,17 @@ def _iter_json_array(text: str) -> Iterator[dict]:
         yield obj
 
 
+def _json_lines(path: Path, data: str) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"--data {data}:{number}: not JSON ({error})") from None
+
+
 def iter_conversations(data: str) -> Iterator[list[dict]]:
     """Conversations as lists of {"from", "value"} turns, in a fixed order."""
     path = Path(data)
@@ -89,7 +100,7 @@ def iter_conversations(data: str) -> Iterator[list[dict]]:
             text = json_path.read_text(encoding="utf-8")
         records: Iterable[dict] = _iter_json_array(text)
     elif path.suffix == ".jsonl":
-        records = (json.loads(line) for line in path.open(encoding="utf-8") if line.strip())
+        records = _json_lines(path, data)
     elif path.suffix == ".json":
         records = _iter_json_array(path.read_text(encoding="utf-8"))
     else:
@@ -520,8 +531,8 @@ def train_drafter(module, features: FeatureSet, out: str | Path, *, epochs: floa
 
 # ---------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument("kind", choices=sorted(KINDS))
+    parser.formatter_class = HelpFormatter
+    parser.add_argument("kind", choices=sorted(KINDS), help="the drafter to train")
     parser.add_argument("--target", default="embedded", help="HF model id or path, or 'embedded'")
     parser.add_argument("--data", default="sharegpt",
                         help="'sharegpt' (offline package), a ShareGPT .json/.jsonl, or a hub name")
@@ -529,20 +540,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", default=None,
                         help="feature cache folder, shared by kinds (default: "
                              "$SPECDEC_CACHE/features/<target>-<data>-L<seq-len>)")
-    parser.add_argument("--max-tokens", type=int, default=100_000, help="training positions")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--teacher-top-k", type=int, default=20)
-    parser.add_argument("--extract-batch-size", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=100_000,
+                        help="training positions: exactly this many are extracted and trained on")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per conversation, at most")
+    parser.add_argument("--teacher-top-k", type=int, default=20,
+                        help="(token, probability) pairs of the target's distribution kept")
+    parser.add_argument("--extract-batch-size", type=int, default=4,
+                        help="sequences per target forward while extracting")
     parser.add_argument("--self-distill", action="store_true",
                         help="train on the target's own greedy answers to the data's first user "
                              "turns (generated once, cached beside the features) instead of the "
                              "data's answers")
-    parser.add_argument("--generate-batch-size", type=int, default=16)
+    parser.add_argument("--generate-batch-size", type=int, default=16,
+                        help="prompts per generate call with --self-distill")
     parser.add_argument("--extract-only", action="store_true",
                         help="only fill the feature cache (e.g. in the background), train later")
-    parser.add_argument("--draft-vocab", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=None, help="number of heads (tree depth)")
-    parser.add_argument("--layers", type=int, default=None, help="layers per head / draft layers")
+    parser.add_argument("--draft-vocab", type=int, default=4096,
+                        help="the draft vocabulary: the most frequent tokens of the data")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="number of heads (tree depth); default per kind")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="layers per head / draft layers; default per kind")
     parser.add_argument("--loss", choices=["ce", "kl"], default=None,
                         help="ce: the data's next tokens; kl: the target's distribution "
                              "(default per kind: medusa/hydra ce, hydra++/distilled kl)")
@@ -551,12 +569,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kind, e.g. to continue on a larger feature cache")
     parser.add_argument("--ttt-steps", type=int, default=None,
                         help="eagle/eagle3: training-time-test steps (default 1 / 4)")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--checkpoint-every", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--epochs", type=float, default=1.0,
+                        help="passes over the data; fractions allowed")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per training step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="training steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batch order")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the target's dtype")
 
 
 def check_settings(args: argparse.Namespace) -> None:
@@ -565,7 +585,8 @@ def check_settings(args: argparse.Namespace) -> None:
                     ("--seq-len", args.seq_len), ("--teacher-top-k", args.teacher_top_k),
                     ("--extract-batch-size", args.extract_batch_size),
                     ("--generate-batch-size", args.generate_batch_size),
-                    ("--draft-vocab", args.draft_vocab), ("--checkpoint-every", args.checkpoint_every),
+                    ("--draft-vocab", args.draft_vocab),
+                    ("--checkpoint-every", args.checkpoint_every),
                     ("--heads", args.heads), ("--layers", args.layers),
                     ("--ttt-steps", args.ttt_steps)]
     require([(flag, value, value is None or value >= 1, "an integer >= 1")
@@ -608,14 +629,16 @@ def open_data(data: str) -> Iterator[list[dict]]:
     conversations = iter_conversations(data)
     try:
         first = next(conversations, None)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"--data {data}: not JSON ({error})") from None
-    except Exception as error:  # a hub data set that is not there, or not reachable
-        if not hub:
-            raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--data {data}: no such file, and no hub data set loads ({reason})") \
-            from None
+    except UsageError:
+        raise
+    except Exception as error:
+        reason = first_line(error)
+        if hub:  # a hub data set that is not there, or not reachable
+            raise UsageError(f"--data {data}: no such file, and no hub data set loads ({reason})") \
+                from None
+        if isinstance(error, ValueError):  # not JSON, not UTF-8
+            raise UsageError(f"--data {data}: not ShareGPT JSON ({reason})") from None
+        raise
     if first is None:
         raise UsageError(f"--data {data}: no conversations in it (ShareGPT records with a "
                          f"'conversations' or 'messages' list of turns)")

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from specdec.errors import UsageError
 from specdec.options import (DTYPES, TARGET_SUPPLIED, HelpFormatter, check_device, check_kwargs,
-                             check_name, finite, parse_kwargs, registered_class, require,
-                             verifier_kwargs_for)
+                             check_name, finite, first_line, parse_kwargs, registered_class,
+                             require, verifier_kwargs_for)
 
 _SUBCOMMANDS = {
     "generate": ("specdec.cli", "generate: speculative generation on one prompt"),
     "eval": ("evals.cli", "eval: speed, acceptance and quality on MT-Bench, GSM8K, HumanEval"),
-    "train": ("drafters.train", "train: fit a drafter (medusa, hydra, eagle, falcon, ...) to a target"),
+    "train": ("drafters.train", "train: fit a drafter (medusa, hydra, eagle, ...) to a target"),
 }
 
 
@@ -41,8 +41,7 @@ def load_model(name: str | None, dtype: str = "float32", device: str | None = No
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as error:  # neither a local folder nor a reachable hub model
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot load model {name!r}: {reason}") from None
+        raise UsageError(f"cannot load model {name!r}: {first_line(error)}") from None
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
     if device is not None:
         model = model.to(device)

@@ -88,7 +88,8 @@ def check_kwargs(cls: type, kwargs: dict, flag: str, what: str,
     parameters = inspect.signature(cls).parameters
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         return
-    names = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = [n for n, p in parameters.items() if p.kind in named]
     takes = f"its options: {', '.join(names)}" if names else "it takes none"
     for key in kwargs:
         if key not in names:
@@ -117,6 +118,12 @@ def require(checks: Iterable[tuple[str, Any, bool, str]]) -> None:
             raise UsageError(f"{flag} must be {wanted}, got {value}")
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def finite(value: float) -> bool:
     return value is not None and math.isfinite(value)
 
@@ -130,7 +137,8 @@ def check_device(device: str | None, flag: str = "--device") -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise UsageError(f"{flag} {device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+        raise UsageError(f"{flag} {device!r} is not a device: use cpu, cuda, cuda:N or mps") \
+            from None
     if parsed.type == "cpu":
         return
     if parsed.type == "cuda":
