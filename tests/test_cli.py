@@ -125,7 +125,8 @@ def test_argparse_errors_are_one_line(capsys):
 
 
 def test_a_refusal_in_a_fresh_process_has_no_traceback(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-m", "specdec.cli", "generate", "--prompt", "hi",
                            "--temperature", "nan"], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=300)
@@ -170,14 +171,14 @@ def generate(checkpoint, *words):
                  "--max-new-tokens", "12", *words])
 
 
-@pytest.mark.parametrize("temperature, verifier", [("0", "greedy"), ("0.8", "exact")])
-def test_auto_verifier_follows_the_temperature(temperature, verifier, checkpoint, calls, capsys):
-    assert generate(checkpoint, "--temperature", temperature) == 0
-    captured = capsys.readouterr()
-    assert f"verifier {verifier}, temperature {float(temperature)}" in captured.out
-    assert type(calls[0]["verifier"]).__name__ == {"greedy": "GreedyRule",
-                                                    "exact": "ExactRule"}[verifier]
-    assert "lossy" not in captured.err
+def test_auto_verifier_follows_the_temperature(checkpoint, calls, capsys):
+    cases = [("0", "greedy", "GreedyRule"), ("0.8", "exact", "ExactRule")]
+    for temperature, verifier, rule in cases:
+        assert generate(checkpoint, "--temperature", temperature) == 0
+        captured = capsys.readouterr()
+        assert f"verifier {verifier}, temperature {float(temperature)}" in captured.out
+        assert type(calls[-1]["verifier"]).__name__ == rule
+        assert "lossy" not in captured.err
 
 
 def test_a_lossy_verifier_is_announced_on_stderr(checkpoint, capsys):
@@ -217,7 +218,11 @@ def test_zero_top_k_and_unit_top_p_mean_no_truncation(checkpoint, calls, capsys)
     assert (calls[1]["top_k"], calls[1]["top_p"]) == (5, 0.9)
 
 
-def test_small_lm_drafts_with_the_named_model(checkpoint, calls, loads, capsys):
+def test_small_lm_needs_and_uses_a_draft_model(checkpoint, calls, loads, capsys):
+    assert generate(checkpoint, "--drafter", "small-lm") == 2
+    assert capsys.readouterr().err == ("specdec generate: drafter 'small-lm' needs --drafter-arg "
+                                       "model=VALUE\n")
+    assert loads.count == 0
     assert generate(checkpoint, "--drafter", "small-lm", "--drafter-arg", f"model={checkpoint}",
                     "--drafter-arg", "depth=2") == 0
     assert loads.count == 2  # the target and the draft model

@@ -63,7 +63,8 @@ def test_every_train_check_is_documented():
         assert any(row.startswith(flag) for row in rows), flag
 
 
-def test_max_tokens_is_exact_and_the_extraction_is_announced(checkpoint, folder, capsys):  # noqa: F811
+def test_max_tokens_is_exact_and_the_extraction_is_announced(checkpoint, folder,  # noqa: F811
+                                                             capsys):
     assert train(checkpoint, "--max-tokens", "150", "--extract-only") == 0
     out = capsys.readouterr().out
     manifest = json.loads((folder / "features" / "manifest.json").read_text())
