@@ -10,7 +10,9 @@ Two stages, both resumable:
    teacher distribution as the top ``--teacher-top-k`` (token id, probability) pairs. Shards are
    written atomically and listed in ``manifest.json`` with the index of the next conversation, so
    an interrupted extraction continues where it stopped; asking for more tokens later extends the
-   cache.
+   cache. ``--max-tokens N`` extracts and trains on exactly N positions (the last sequence cut
+   short); the extraction prints how many tokens it will extract and, after its first batch, an
+   estimate of the time it takes.
 2. **Training** with ``accelerate`` (any number of processes; one here): the drafter module
    computes its loss from a batch of cached features; the optimizer state, step and RNG are
    checkpointed every ``--checkpoint-every`` steps under ``OUT/checkpoint`` and a rerun of the same
@@ -233,8 +235,10 @@ def extract_features(target, sequences: Iterable[list[int] | None], folder: str 
                      max_tokens: int, *, source: str, seq_len: int = 256, top_k: int = 20,
                      aux_layers: Iterable[int] | None = None, batch_size: int = 4,
                      shard_sequences: int = 64, progress: bool = True) -> dict:
-    """Make sure ``folder`` caches at least ``max_tokens`` positions of target features; returns
-    the manifest. Resumes (or extends) an existing cache of the same target and settings.
+    """Make sure ``folder`` caches ``max_tokens`` positions of target features (exactly that many:
+    the last sequence is cut short; more only when an earlier run cached more); returns the
+    manifest. Resumes (or extends) an existing cache of the same target and settings; an
+    extension starts at the conversation after the one that was cut.
 
     ``sequences`` yields token lists (None for a record to skip) in the same order on every run;
     ``source`` names it in the manifest, so a cache of other data is never extended.
@@ -379,6 +383,7 @@ class FeatureSet:
 
     @classmethod
     def load(cls, folder: str | Path, max_tokens: int | None = None) -> "FeatureSet":
+        """The cached features, or their first ``max_tokens`` positions."""
         from safetensors.torch import load_file
 
         folder = Path(folder)

@@ -3,7 +3,13 @@
     specdec generate --prompt "..." --drafter pld --verifier greedy
 
 Subcommands live in their own modules, each with ``add_arguments(parser)`` and ``run(args)``;
-a new one joins by adding a row to ``_SUBCOMMANDS``.
+a new one joins by adding a row to ``_SUBCOMMANDS``. Bad input is a `specdec.errors.UsageError`,
+raised before the model loads where the check does not need it, and printed as one line on stderr
+with exit status 2 (docs/errors.md lists every message); so are argparse's own errors.
+
+``specdec generate`` streams the text as the verifier accepts it, then prints the run's
+statistics. ``--verifier auto`` is ``greedy`` at temperature 0 and ``exact`` when sampling, both
+lossless; a lossy verifier is announced by a note on stderr.
 """
 
 from __future__ import annotations
@@ -131,6 +137,8 @@ def plan(args: argparse.Namespace) -> Plan:
     check_name(verifier, ["auto", *verifiers.available()], "--verifier")
     drafter_kwargs = parse_kwargs(args.drafter_arg, "--drafter-arg")
     verifier_kwargs = parse_kwargs(args.verifier_arg, "--verifier-arg")
+    if args.drafter == "small-lm":
+        check_model(drafter_kwargs.get("model"))
     check_kwargs(registered_class(drafters, args.drafter), drafter_kwargs, "--drafter-arg",
                  f"drafter {args.drafter!r}")
     rule = registered_class(verifiers, verifier)
@@ -183,14 +191,14 @@ def run(args: argparse.Namespace) -> int:
 
     from specdec.loop import speculative_generate
 
-    steps = plan(args)
-    if not steps.lossless:
-        print(f"specdec generate: note: verifier {steps.verifier!r} is lossy, so the output is "
+    chosen = plan(args)
+    if not chosen.lossless:
+        print(f"specdec generate: note: verifier {chosen.verifier!r} is lossy, so the output is "
               f"not distributed as the target's own sampling", file=sys.stderr)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     input_ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat)
     check_context(model, input_ids, args.max_new_tokens)
-    drafter, verifier = build(args, steps, model)
+    drafter, verifier = build(args, chosen, model)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -206,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:  # the loop's refusals: a drafter's weights for another target
         raise UsageError(str(error)) from None
     print()
-    print(f"drafter {args.drafter}, verifier {steps.verifier}, temperature {args.temperature}")
+    print(f"drafter {args.drafter}, verifier {chosen.verifier}, temperature {args.temperature}")
     print(out.stats.summary())
     return 0
 
