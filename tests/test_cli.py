@@ -251,3 +251,26 @@ def test_keyword_checks_read_the_constructor_signature():
         check_kwargs(Rule, {"k": 2}, "--verifier-arg", "verifier 'r'")
     with pytest.raises(UsageError, match="has no option 'q'; its options: embeddings, k"):
         check_kwargs(Rule, {"q": 1}, "--verifier-arg", "verifier 'r'", supplied=["embeddings"])
+
+
+# ---------------------------------------------------------------------------------- embedded
+@pytest.mark.slow
+def test_embedded_model_streams_its_greedy_text_and_runs_lantern(embedded, calls, monkeypatch,
+                                                                 capsys):
+    model, tokenizer = embedded
+    monkeypatch.setattr(specdec.cli, "load_model", lambda *args, **kwargs: (model, tokenizer))
+    prompt = "List three colours of the rainbow."
+    assert main(["generate", "--prompt", prompt, "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    input_ids = specdec.cli.encode_prompt(tokenizer, prompt, chat=True)
+    reference = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                               do_sample=False, max_new_tokens=24,
+                               eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.eos_token_id)[0, input_ids.shape[1]:]
+    assert calls[0]["output"].new_token_ids == reference.tolist()
+    assert out.startswith(tokenizer.decode(reference, skip_special_tokens=True) + "\n")
+
+    assert main(["generate", "--prompt", prompt, "--max-new-tokens", "16", "--verifier",
+                 "lantern", "--temperature", "0.7"]) == 0
+    assert calls[1]["verifier"].unit_embeddings.shape == model.get_input_embeddings().weight.shape
+    assert "verifier lantern" in capsys.readouterr().out
