@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"specdec {args.command}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"specdec {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -229,6 +229,17 @@ def test_small_lm_needs_and_uses_a_draft_model(checkpoint, calls, loads, capsys)
     assert calls[0]["drafter"].depth == 2
 
 
+def test_an_interrupted_generation_is_one_line(checkpoint, monkeypatch, capsys):
+    import specdec.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(specdec.loop, "speculative_generate", interrupted)
+    assert generate(checkpoint) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "specdec generate: interrupted"
+
+
 # ---------------------------------------------------------------------------------- options
 def test_key_value_pairs_parse_as_literals_or_strings():
     assert parse_kwargs(["depth=3", "branching=[2, 1]", "mode=iid", "max-frontier=None",
@@ -274,3 +285,4 @@ def test_embedded_model_streams_its_greedy_text_and_runs_lantern(embedded, calls
                  "lantern", "--temperature", "0.7"]) == 0
     assert calls[1]["verifier"].unit_embeddings.shape == model.get_input_embeddings().weight.shape
     assert "verifier lantern" in capsys.readouterr().out
+
