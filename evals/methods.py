@@ -31,7 +31,6 @@ tree-budget choices) come with the generation as ``Generation.stats``.
 
 from __future__ import annotations
 
-import ast
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -39,6 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from specdec.errors import UsageError
+from specdec.options import parse_pair, verifier_kwargs_for
 from specdec.state import GenerationStats
 
 HF_METHODS = {
@@ -100,13 +100,8 @@ def parse_part(text: str, spec: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"method {spec!r}: empty name before {text!r}")
     kwargs: dict[str, Any] = {}
     for pair in _split_top(arguments, ",") if arguments.strip() else []:
-        key, equals, value = pair.partition("=")
-        if not equals or not key.strip():
-            raise ValueError(f"method {spec!r}: option {pair!r} must look like key=value")
-        try:
-            kwargs[key.strip().replace("-", "_")] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key.strip().replace("-", "_")] = value.strip()
+        key, value = parse_pair(pair, f"method {spec!r}: option")
+        kwargs[key] = value
     return name, kwargs
 
 
@@ -221,10 +216,7 @@ class Method:
                 drafter_kwargs.setdefault("model", draft_model)
             self.drafter = drafters.get(spec.name, **drafter_kwargs)
             verifier_name = spec.verifier or ("greedy" if sampling.greedy else "exact")
-            verifier_kwargs = dict(spec.verifier_kwargs)
-            if verifier_name == "lantern":
-                verifier_kwargs.setdefault("embeddings",
-                                           model.get_input_embeddings().weight.detach())
+            verifier_kwargs = verifier_kwargs_for(verifier_name, spec.verifier_kwargs, model)
             self.verifier = verifiers.get(verifier_name, **verifier_kwargs)
             self.lossless = bool(getattr(self.verifier, "lossless", False))
 
