@@ -12,8 +12,8 @@ the loop cannot honour exactly (beam search, repetition penalties, several retur
 padding, logits processors, ``output_scores`` and the other per-step outputs), transformers' own
 speculative modes (``assistant_model``, ``prompt_lookup_num_tokens``: use specdec's drafters), and
 any argument that is neither a ``GenerationConfig`` field nor one of ``generate``'s (transformers
-refuses unused model arguments too). ``synced_gpus`` and ``use_model_defaults`` are accepted and
-have no effect on one unpadded sequence.
+refuses unused model arguments too). ``synced_gpus`` is accepted and has no effect on one
+unpadded sequence.
 
 ``specdec.last_stats(model)`` returns the stats of the last call; ``specdec.unwrap(model)``
 restores the original method. `wrap`'s other keyword arguments go to `speculative_generate`
@@ -65,7 +65,7 @@ _USE_DRAFTERS = {
 _REFUSED_ARGUMENTS = ("logits_processor", "prefix_allowed_tokens_fn", "negative_prompt_ids",
                       "negative_prompt_attention_mask", "custom_generate", "past_key_values")
 # generate arguments with no effect on one unpadded sequence
-_IGNORED_ARGUMENTS = ("synced_gpus", "use_model_defaults")
+_IGNORED_ARGUMENTS = ("synced_gpus",)
 # speculative_generate's arguments that the wrapped generate fills on every call
 _PER_CALL = ("model", "input_ids", "drafter", "verifier", "max_new_tokens", "temperature", "top_k",
              "top_p", "eos_token_id", "generator", "streamer", "stopping_criteria")

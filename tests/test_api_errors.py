@@ -125,6 +125,12 @@ def test_unknown_arguments_are_refused_and_harmless_ones_accepted(wrapped):
         wrapped.generate(PROMPT, max_new_tokens=5, colour="red")
     with pytest.raises(UsageError, match="logits_processor is not supported"):
         wrapped.generate(PROMPT, max_new_tokens=5, logits_processor=[lambda ids, s: s])
+    with pytest.raises(UsageError, match="generate needs input_ids"):
+        wrapped.generate(max_new_tokens=5)
+    padded = torch.ones_like(PROMPT)
+    padded[0, 0] = 0
+    with pytest.raises(UsageError, match="the attention_mask has padding"):
+        wrapped.generate(PROMPT, attention_mask=padded)
     out = wrapped.generate(PROMPT, max_new_tokens=12, synced_gpus=False, use_cache=True,
                            pad_token_id=0)
     assert out.tolist() == plain(wrapped, PROMPT, 12).tolist()
@@ -198,6 +204,9 @@ def test_bad_input_gets_one_clear_line():
         run(eos_token_id="</s>")
     with pytest.raises(UsageError, match=r"eos_token_id must be a token id .* got \[2.5\]"):
         run(eos_token_id=[2.5])
+    with pytest.raises(UsageError, match="input_ids must hold integer token ids, got dtype "
+                                         "torch.float32"):
+        run(prompt=PROMPT.float())
     with pytest.raises(UsageError, match="the prompt is empty"):
         run(prompt=[[]])
 
