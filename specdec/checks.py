@@ -148,7 +148,7 @@ def warn_if_lossy(verifier) -> None:
         f"verifier {cls.__name__} is lossy: its output is not distributed as the target "
         f"model's own and may differ from model.generate even at temperature 0; use a verifier "
         f"whose lossless flag is True (e.g. 'exact' or 'greedy') for exact outputs",
-        LossyVerifierWarning, stacklevel=3,
+        LossyVerifierWarning, stacklevel=4,  # the caller of speculative_generate
     )
 
 
