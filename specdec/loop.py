@@ -16,6 +16,7 @@ import torch
 
 import drafters as drafter_registry
 import verifiers as verifier_registry
+from specdec import checks
 from specdec.engine.cost import make_budget
 from specdec.sampling import SamplingConfig
 from specdec.state import DecodingState, GenerationStats, StepResult
@@ -105,20 +106,25 @@ def _check_prompt(model, input_ids, max_new_tokens: int) -> list[int]:
 
 def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens: int,
                          temperature: float = 0.0, top_k: int | None = None,
-                         top_p: float | None = None, eos_token_id=None,
+                         top_p: float | None = None, eos_token_id=checks.MODEL_DEFAULT,
                          generator: torch.Generator | None = None, streamer=None,
-                         tree_budget=None) -> GenerationOutput:
+                         tree_budget=None, stopping_criteria=None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` after ``input_ids`` [1, L] with speculative decoding.
 
     ``drafter`` and ``verifier`` are names (``drafters.available()``, ``verifiers.available()``)
     or objects. With a lossless verifier the output is distributed exactly as the target's own
     sampling with the same temperature / top-k / top-p (token-for-token equal at temperature 0).
-    Generation stops right after an ``eos_token_id`` token or at ``max_new_tokens``.
+    Generation stops right after an ``eos_token_id`` token (by default the model's
+    ``generation_config.eos_token_id``, as ``model.generate``; None: no EOS) or at
+    ``max_new_tokens``, or on the first token at which ``stopping_criteria`` (``transformers``
+    stopping criteria, called with ``scores=None``) is true.
     ``tree_budget``: ``"auto"`` (or a `specdec.engine.cost.TreeBudget`, or a `LatencyProfile`) prunes
     every drafted tree to the size that maximises expected tokens per second under the target's
     measured latency (``"auto"`` measures it on first use per model/device and caches it); the
     choices are reported in ``stats.extra["tree_budget"]``.
     """
+    drafter, verifier, eos_token_id = checks.validate_call(model, input_ids, drafter, verifier,
+                                                           eos_token_id)
     prompt = _check_prompt(model, input_ids, max_new_tokens)
     drafter = drafter_registry.get(drafter)
     verifier = verifier_registry.get(verifier)
@@ -168,7 +174,7 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
     finished = False
     while not finished:
         t0 = _clock(device)
-        tree = drafter.propose(state)
+        tree = checks.proposed(drafter, state)
         tree.validate(vocab_size)
         depth_limit = state.remaining - 1
         if context is not None:
@@ -204,6 +210,8 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
                 break
         if len(emitted) >= state.remaining:
             emitted, finished = emitted[: state.remaining], True
+        if stopping_criteria is not None:
+            emitted, finished = checks.cut_at_stop(stopping_criteria, state.tokens, emitted, finished)
         accepted = accepted[: len(emitted)]
 
         target.commit_path(accepted)

@@ -39,7 +39,7 @@ def test_tiny_models_match_generate(arch, drafter, verifier):
     prompt = torch.tensor([[2, 7, 1, 8, 2, 8, 1, 8, 2, 8]])
     reference = hf_greedy(target, prompt, 60)
     out = speculative_generate(target, prompt, drafter=make_drafter(drafter, target),
-                               verifier=verifier, max_new_tokens=60)
+                               verifier=verifier, max_new_tokens=60, eos_token_id=None)
     assert out.sequences.tolist() == reference.tolist()
     assert out.stats.new_tokens == 60 == sum(out.stats.accepted_lengths)
     assert out.stats.tau > 1.0  # drafts were accepted, so the comparison means something

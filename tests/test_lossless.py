@@ -230,7 +230,7 @@ def test_loop_samples_the_target_distribution(name, mode, drafter_kw):
     for _ in range(draws):
         out = speculative_generate(target, [prompt], drafter=drafter, verifier="exact",
                                    max_new_tokens=2, temperature=1.0, top_k=8,
-                                   generator=generator)
+                                   eos_token_id=None, generator=generator)
         a, b = out.new_token_ids
         counts[a * 12 + b] += 1
         accepted += out.stats.steps == 1
@@ -268,7 +268,7 @@ def test_loop_statistical_check_catches_a_lossy_rule():
     for _ in range(500):
         out = speculative_generate(target, [[1, 5, 7]], drafter=drafter, verifier=AlwaysAccept(),
                                    max_new_tokens=2, temperature=1.0, top_k=8,
-                                   generator=generator)
+                                   eos_token_id=None, generator=generator)
         a, b = out.new_token_ids
         counts[a * 12 + b] += 1
     support = expected > 0
