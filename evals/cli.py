@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from evals import datasets as eval_datasets
+from specdec import options
 from specdec.errors import UsageError
+from specdec.options import DTYPES
 
 DEFAULT_METHODS = "baseline,hf-pld,pld,trie"
 
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-model", default=None,
                         help="draft model of small-lm and hf-assisted (default: a second copy "
                              "of the target)")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--device", default=None, help="default: this process's accelerate device")
     parser.add_argument("--warmup", type=int, default=1,
                         help="unrecorded warm-up generations per method before timing")
@@ -65,19 +67,20 @@ def _dataset_names(args) -> list[str]:
 
 
 def check_settings(args: argparse.Namespace) -> None:
-    """The settings' ranges, before anything is loaded (`UsageError` names the flag)."""
-    checks = [
+    """The settings' ranges and the device, before anything is loaded (`UsageError` names the
+    flag)."""
+    options.require([
         ("--limit", args.limit, args.limit >= 1, "an integer >= 1"),
         ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
-        ("--exec-timeout", args.exec_timeout, args.exec_timeout > 0, "a number of seconds > 0"),
+        ("--exec-timeout", args.exec_timeout,
+         options.finite(args.exec_timeout) and args.exec_timeout > 0, "a number of seconds > 0"),
         ("--warmup", args.warmup, args.warmup >= 0, "an integer >= 0"),
-        ("--temperature", args.temperature, args.temperature >= 0, "a number >= 0"),
+        ("--temperature", args.temperature,
+         options.finite(args.temperature) and args.temperature >= 0, "a finite number >= 0"),
         ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, "an integer >= 1"),
         ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
-    ]
-    for flag, value, valid, wanted in checks:
-        if not valid:
-            raise UsageError(f"{flag} must be {wanted}, got {value}")
+    ])
+    options.check_device(args.device)
 
 
 def load_examples(args: argparse.Namespace) -> list:
