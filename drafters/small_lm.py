@@ -61,7 +61,7 @@ class SmallLMDrafter(DrafterBase):
         self._slots: list[tuple[int, int]] = []
 
     def begin(self, state: DecodingState) -> None:
-        from specdec.loop import target_vocab_size
+        from specdec.target import target_vocab_size
 
         draft_vocab = target_vocab_size(self.model)
         if draft_vocab != state.vocab_size:

@@ -41,7 +41,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from drafters.trained import target_fingerprint
+from specdec.target import target_fingerprint
 from specdec.errors import UsageError
 from specdec.options import DTYPES, HelpFormatter, finite, first_line, require
 

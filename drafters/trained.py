@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -25,30 +24,12 @@ from torch import nn
 
 from drafters.draft_layer import DRAFT_PANELS
 from specdec.engine import linear
+from specdec.target import target_fingerprint, target_head_weight
 from specdec.tree import DraftTree
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def target_head_weight(target) -> torch.Tensor:
-    """[V, H] the target's output projection (its embeddings when tied)."""
-    head = target.get_output_embeddings()
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError(f"{type(target).__name__} has no output embeddings (lm_head)")
-    return head.weight
-
-
-def target_fingerprint(target) -> dict:
-    """What a trained drafter must agree on with its target."""
-    weight = target_head_weight(target).detach()
-    # every 64th row, rounded to bfloat16: cheap to hash, and the same whether the target is
-    # loaded in float32 or bfloat16
-    sample = weight[::64].to(torch.bfloat16).float().cpu().contiguous()
-    digest = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
-    return {"hidden_size": int(weight.shape[1]), "vocab_size": int(weight.shape[0]),
-            "lm_head_sha256": digest}
 
 
 def check_target(config: dict, target, name: str) -> None:

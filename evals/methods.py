@@ -31,7 +31,6 @@ tree-budget choices) come with the generation as ``Generation.stats``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -40,6 +39,7 @@ import torch
 from specdec.errors import UsageError
 from specdec.options import parse_pair, verifier_kwargs_for
 from specdec.state import GenerationStats
+from specdec.timing import clock
 
 HF_METHODS = {
     "baseline": {},
@@ -178,12 +178,6 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return [parse_method(spec) for spec in specs]
 
 
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 class Method:
     """A method built for one run's sampling settings: call it on one prompt."""
 
@@ -244,10 +238,10 @@ class Method:
         torch.manual_seed(sampling.seed)
         hook = self.model.register_forward_hook(count)
         try:
-            start = _clock(self.device)
+            start = clock(self.device)
             sequences = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                                             **options, **self.generate_kwargs)
-            wall = _clock(self.device) - start
+            wall = clock(self.device) - start
         finally:
             hook.remove()
         return Generation(sequences[0, input_ids.shape[1]:].tolist(), wall, forwards)
@@ -257,14 +251,14 @@ class Method:
 
         sampling = self.sampling
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        start = _clock(self.device)
+        start = clock(self.device)
         out = speculative_generate(
             self.model, input_ids, drafter=self.drafter, verifier=self.verifier,
             max_new_tokens=max_new_tokens, temperature=sampling.temperature,
             top_k=sampling.top_k, top_p=sampling.top_p, eos_token_id=self.eos_token_id,
             generator=generator, tree_budget=self.tree_budget,
         )
-        wall = _clock(self.device) - start
+        wall = clock(self.device) - start
         stats = out.stats
         return Generation(out.new_token_ids, wall, stats.steps, list(stats.accepted_lengths),
                           list(stats.depth_attempts), list(stats.depth_accepts), stats)

@@ -51,7 +51,7 @@ def check_model(model) -> None:
 
 def check_prompt_ids(model, input_ids) -> None:
     """Refuse an empty prompt and token ids outside the model's vocabulary."""
-    from specdec.loop import target_vocab_size  # the loop imports this module
+    from specdec.target import target_vocab_size
 
     ids = input_ids if torch.is_tensor(input_ids) else torch.as_tensor(input_ids)
     if ids.numel() == 0:

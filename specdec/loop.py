@@ -9,7 +9,6 @@ One step (see DESIGN.md):
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,8 @@ from specdec import checks
 from specdec.engine.cost import make_budget
 from specdec.sampling import SamplingConfig
 from specdec.state import DecodingState, GenerationStats, StepResult
-from specdec.target import TreeForward, context_length
+from specdec.target import TreeForward, context_length, target_vocab_size
+from specdec.timing import clock
 from specdec.tree import DraftTree
 from verifiers.base import walk_tree
 
@@ -33,19 +33,6 @@ class GenerationOutput:
     @property
     def new_token_ids(self) -> list[int]:
         return self.sequences[0, self.stats.prompt_tokens:].tolist()
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def target_vocab_size(model) -> int:
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.get_text_config().vocab_size)
 
 
 def next_node_budget(hint: int | None, drafted: int, kept: int) -> int | None:
@@ -155,7 +142,7 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
     stats = GenerationStats(prompt_tokens=len(prompt))
     if streamer is not None:
         streamer.put(torch.tensor([prompt]))
-    start = _clock(device)
+    start = clock(device)
     target = TreeForward(model, output_hidden_states=want_hidden)
     prefill = target.prefill(torch.tensor(prompt[:-1], dtype=torch.long))
     context = target.max_positions
@@ -169,11 +156,11 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
         drafter.begin(state)
     if hasattr(verifier, "begin"):  # e.g. a judge head checks it was trained for this target
         verifier.begin(state)
-    stats.prefill_time = _clock(device) - start
+    stats.prefill_time = clock(device) - start
 
     finished = False
     while not finished:
-        t0 = _clock(device)
+        t0 = clock(device)
         tree = checks.proposed(drafter, state)
         tree.validate(vocab_size)
         depth_limit = state.remaining - 1
@@ -183,13 +170,13 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
         if budget is not None:
             # the mean, not this step's time: one slow propose (a GC pause, a busy core) must
             # not make the budget think verifying is relatively cheap
-            propose_time += _clock(device) - t0
+            propose_time += clock(device) - t0
             drafted = len(tree)
             tree = budget.choose(tree, propose_time / (state.step + 1))
             state.node_budget = next_node_budget(state.node_budget, drafted, len(tree))
-        t1 = _clock(device)
+        t1 = clock(device)
         out = target.verify(state.tokens[-1], tree)
-        t2 = _clock(device)
+        t2 = clock(device)
 
         def target_probs_of(row: int) -> torch.Tensor:  # [V]
             return sampling.probs(out.logits[row])
@@ -233,7 +220,7 @@ def speculative_generate(model, input_ids, *, drafter, verifier, max_new_tokens:
     if budget is not None:
         stats.extra["tree_budget"] = budget.summary(since=first_choice)
     stats.new_tokens = state.new_tokens
-    stats.total_time = _clock(device) - start
+    stats.total_time = clock(device) - start
     return GenerationOutput(torch.tensor([state.tokens], dtype=torch.long), stats)
 
 

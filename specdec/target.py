@@ -15,6 +15,7 @@ feeds the root plus the tree, so row 0 of the logits is the distribution after t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,33 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from specdec.tree import DraftTree
+
+
+def target_head_weight(target) -> torch.Tensor:
+    """[V, H] the target's output projection (its embeddings when tied)."""
+    head = target.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(target).__name__} has no output embeddings (lm_head)")
+    return head.weight
+
+
+def target_vocab_size(model) -> int:
+    """Rows of the target's output head (the config's text vocabulary size without one)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def target_fingerprint(target) -> dict:
+    """What a trained drafter or a cached latency profile must agree on with its target."""
+    weight = target_head_weight(target).detach()
+    # every 64th row, rounded to bfloat16: cheap to hash, and the same whether the target is
+    # loaded in float32 or bfloat16
+    sample = weight[::64].to(torch.bfloat16).float().cpu().contiguous()
+    digest = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+    return {"hidden_size": int(weight.shape[1]), "vocab_size": int(weight.shape[0]),
+            "lm_head_sha256": digest}
 
 
 def context_length(config) -> int | None:

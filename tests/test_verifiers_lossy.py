@@ -212,7 +212,7 @@ def test_judge_head_round_trips_through_safetensors(tmp_path):
 
 def test_judge_head_for_another_target_is_refused(tmp_path):
     from conftest import tiny_model
-    from drafters.trained import target_fingerprint
+    from specdec.target import target_fingerprint
     from specdec.loop import speculative_generate
 
     trained_on, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)

@@ -387,7 +387,7 @@ def main(argv=None) -> None:
     todo = [q for q in wanted if q not in cache.done]
     start = time.perf_counter()
     if todo:
-        from drafters.trained import target_fingerprint
+        from specdec.target import target_fingerprint
         from specdec.cli import load_model
 
         model, tokenizer = load_model(args.model, "float32", "cpu")

@@ -42,21 +42,17 @@ import heapq
 import json
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from specdec.state import StepResult
+from specdec.target import target_fingerprint
+from specdec.timing import clock
 from specdec.tree import ROOT, DraftTree
 
 DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -150,11 +146,9 @@ class LatencyProfile:
         for round_ in range(warmup + repeats):
             for n in sizes:  # interleaved, so drift in machine load hits every size alike
                 tree = DraftTree.chain(torch.randint(0, vocab, (n - 1,), generator=generator))
-                _sync(device)
-                start = time.perf_counter()
+                start = clock(device)
                 target.verify(int(prompt[-1]), tree)
-                _sync(device)
-                elapsed = time.perf_counter() - start
+                elapsed = clock(device) - start
                 target.rollback()
                 if round_ >= warmup:
                     times[n].append(elapsed)
@@ -192,7 +186,6 @@ class LatencyProfile:
 
 def profile_key(model, context: int) -> dict:
     """What a latency profile depends on: the model, where and how it runs."""
-    from drafters.trained import target_fingerprint
     from specdec.engine import forward_kind, kernels
     from specdec.engine.fastpath import kernel_wanted
 
